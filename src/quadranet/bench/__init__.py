@@ -1,0 +1,1 @@
+"""Measurement level: MACs, saved-activation bytes, timing and memory benchmarks."""

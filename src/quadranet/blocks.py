@@ -1,0 +1,252 @@
+"""QuadraBlock and the same-skeleton baselines (ConvBlock, SkipBlock, HorBlock, SwinBlock).
+
+Every block is pre-norm with two residual branches on an NCHW map:
+
+    x = x + DropPath(gamma1 * mixer(LN(x)))                      spatial mixing
+    x = x + DropPath(gamma2 * fc2(GELU(fc1(LN(x)))))              channel mixing
+
+and the blocks differ only in the spatial mixer.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath
+from timm.models.swin_transformer import SwinTransformerBlock
+from torch import nn
+
+from quadranet.nn import LayerNorm2d, QuadraticConv2d
+
+LN_EPS = 1e-6
+
+
+def check_kernel_size(kernel_size: int) -> int:
+    """Validate a spatial kernel size: a positive odd integer keeps the map size."""
+    if not isinstance(kernel_size, int) or kernel_size <= 0 or kernel_size % 2 == 0:
+        raise ValueError(
+            f"kernel_size must be a positive odd integer (3, 5, 7, ...) so the spatial branch "
+            f"keeps the map size; got {kernel_size!r}"
+        )
+    return kernel_size
+
+
+class ChannelMlp(nn.Module):
+    """Channel mixing on an NHWC map: LN, Linear C -> eC, GELU, Linear eC -> C."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(mlp_ratio * dim)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class MixerBlock(nn.Module):
+    """The shared skeleton: a spatial mixer branch and a channel-MLP branch, both residual.
+
+    Args:
+        dim: channels.
+        mixer: spatial mixer (NCHW in and out), or None for no spatial branch.
+        mlp_ratio: hidden width of the channel MLP relative to `dim`.
+        drop_path: stochastic depth rate of both branches.
+        layer_scale_init: initial per-channel scale (gamma); None or 0 disables it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mixer: nn.Module | None,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        layer_scale_init: float | None = 1e-6,
+    ) -> None:
+        super().__init__()
+        use_scale = bool(layer_scale_init)
+        if mixer is not None:
+            self.norm1 = LayerNorm2d(dim, eps=LN_EPS)
+            self.mixer = mixer
+            self.gamma1 = (
+                nn.Parameter(torch.full((dim,), float(layer_scale_init))) if use_scale else None
+            )
+        else:
+            self.norm1 = self.mixer = self.gamma1 = None
+        self.mlp = ChannelMlp(dim, mlp_ratio)
+        self.gamma2 = (
+            nn.Parameter(torch.full((dim,), float(layer_scale_init))) if use_scale else None
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixer is not None:
+            y = self.mixer(self.norm1(x))
+            if self.gamma1 is not None:
+                y = y * self.gamma1.view(1, -1, 1, 1)
+            x = x + self.drop_path(y)
+        y = self.mlp(x.permute(0, 2, 3, 1))
+        if self.gamma2 is not None:
+            y = y * self.gamma2
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+class QuadraBlock(MixerBlock):
+    """QuadraNet's block: the spatial mixer is a quadratic depthwise k x k convolution."""
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int = 7,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        layer_scale_init: float | None = 1e-6,
+        memory_efficient: bool = False,
+    ) -> None:
+        check_kernel_size(kernel_size)
+        mixer = QuadraticConv2d(
+            dim, dim, kernel_size, groups=dim, memory_efficient=memory_efficient
+        )
+        super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init)
+
+
+class ConvBlock(MixerBlock):
+    """First-order twin of QuadraBlock: the spatial mixer is one depthwise k x k conv."""
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int = 7,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        layer_scale_init: float | None = 1e-6,
+    ) -> None:
+        check_kernel_size(kernel_size)
+        mixer = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        nn.init.trunc_normal_(mixer.weight, std=0.02)
+        nn.init.zeros_(mixer.bias)
+        super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init)
+
+
+class SkipBlock(MixerBlock):
+    """No spatial mixing at all: only the channel-MLP residual branch."""
+
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        layer_scale_init: float | None = 1e-6,
+    ) -> None:
+        super().__init__(dim, None, mlp_ratio, drop_path, layer_scale_init)
+
+
+class GnConv(nn.Module):
+    """HorNet's recursive gated convolution of order n (gnConv), NCHW in and out.
+
+    A 1x1 conv to 2C channels is split into a first part of C / 2^(n-1) channels and a
+    stack of widths C / 2^(n-1), ..., C / 2, C that goes through one depthwise conv
+    (scaled by `scale`); then p_0 = first * dw_0 and p_{i+1} = pw_i(p_i) * dw_{i+1},
+    and a 1x1 conv maps the last product back to C.
+    """
+
+    def __init__(self, dim: int, order: int = 3, kernel_size: int = 7, scale: float = 1 / 3):
+        super().__init__()
+        if order < 1 or dim % 2 ** (order - 1):
+            raise ValueError(f"gnConv of order {order} needs dim divisible by {2 ** (order - 1)}")
+        check_kernel_size(kernel_size)
+        self.order = order
+        self.scale = scale
+        self.dims = [dim // 2**i for i in range(order)][::-1]
+        total = sum(self.dims)
+        self.proj_in = nn.Conv2d(dim, 2 * dim, 1)
+        self.dwconv = nn.Conv2d(total, total, kernel_size, padding=kernel_size // 2, groups=total)
+        self.pws = nn.ModuleList(
+            nn.Conv2d(self.dims[i], self.dims[i + 1], 1) for i in range(order - 1)
+        )
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, stack = self.proj_in(x).split((self.dims[0], sum(self.dims)), dim=1)
+        gates = (self.dwconv(stack) * self.scale).split(self.dims, dim=1)
+        p = first * gates[0]
+        for pw, gate in zip(self.pws, gates[1:]):
+            p = pw(p) * gate
+        return self.proj_out(p)
+
+    def extra_repr(self) -> str:
+        return f"order={self.order}, dims={self.dims}, scale={self.scale:.4g}"
+
+
+class HorBlock(MixerBlock):
+    """HorNet's block: the spatial mixer is gnConv of the given order."""
+
+    def __init__(
+        self,
+        dim: int,
+        order: int = 3,
+        kernel_size: int = 7,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        layer_scale_init: float | None = 1e-6,
+    ) -> None:
+        super().__init__(
+            dim, GnConv(dim, order, kernel_size), mlp_ratio, drop_path, layer_scale_init
+        )
+
+
+class SwinBlock(nn.Module):
+    """timm's Swin Transformer block (window attention + MLP), wrapped to NCHW in and out.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads; default dim // 32 (Swin's head width of 32).
+        window_size: attention window.
+        shift: shift the windows by half a window (Swin alternates shifted blocks).
+        input_resolution: nominal map size; other sizes work (masks are made per input).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int | None = None,
+        window_size: int = 7,
+        shift: bool = False,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        input_resolution: int | tuple[int, int] = 56,
+    ) -> None:
+        super().__init__()
+        self.block = SwinTransformerBlock(
+            dim,
+            input_resolution,
+            num_heads=num_heads or max(1, dim // 32),
+            window_size=window_size,
+            shift_size=window_size // 2 if shift else 0,
+            dynamic_mask=True,
+            always_partition=True,
+            mlp_ratio=mlp_ratio,
+            drop_path=drop_path,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+BLOCKS: dict[str, type[nn.Module]] = {
+    "quadra": QuadraBlock,
+    "conv": ConvBlock,
+    "skip": SkipBlock,
+    "hor": HorBlock,
+    "swin": SwinBlock,
+}
+
+
+def get_block(block: str | type[nn.Module]) -> type[nn.Module]:
+    """Resolve a block name ('quadra', 'conv', 'skip', 'hor', 'swin') or pass a class through."""
+    if isinstance(block, str):
+        if block not in BLOCKS:
+            raise ValueError(f"unknown block {block!r}; choose one of {sorted(BLOCKS)}")
+        return BLOCKS[block]
+    return block

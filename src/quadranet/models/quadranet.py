@@ -1,0 +1,454 @@
+"""QuadraNet: a four-stage pyramid of QuadraBlocks, with its first-order twins and HorNet.
+
+One model class, `QuadraNet`, serves the whole family: the block type is an argument
+(QuadraBlock by default; ConvBlock gives the first-order twins, HorBlock gives HorNet).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import NormMlpClassifierHead
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from torch import nn
+
+from quadranet.blocks import LN_EPS, get_block
+from quadranet.nn import LayerNorm2d, QuadraticConv2d, QuadraticLinear
+
+NUM_DOWNSAMPLES = 3  # stride-2 downsamples before stages 2, 3 and 4
+
+
+def _block_kwargs(block_fn: type[nn.Module], **options: Any) -> dict[str, Any]:
+    """The options a block accepts; an explicit option the block does not take is an error."""
+    params = inspect.signature(block_fn).parameters
+    unknown = [k for k, v in options.items() if v is not None and k not in params]
+    if unknown:
+        raise ValueError(f"{block_fn.__name__} does not take {unknown}; drop them or pick a block")
+    return {k: v for k, v in options.items() if v is not None}
+
+
+class QuadraStage(nn.Module):
+    """Optional downsample (LN + 2x2 stride-2 conv), then `depth` blocks."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        depth: int,
+        block_fn: type[nn.Module],
+        block_kwargs: Mapping[str, Any],
+        drop_path_rates: Sequence[float],
+        downsample: bool,
+    ) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        if downsample:
+            self.downsample = nn.Sequential(
+                LayerNorm2d(in_dim, eps=LN_EPS), nn.Conv2d(in_dim, out_dim, 2, stride=2)
+            )
+        else:
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(
+            *(block_fn(out_dim, drop_path=drop_path_rates[i], **block_kwargs) for i in range(depth))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class QuadraNet(nn.Module):
+    """QuadraNet backbone (timm model API).
+
+    Args:
+        in_chans: input image channels.
+        num_classes: classifier outputs; 0 for no classifier (pooled features).
+        depths: blocks per stage.
+        dims: channels per stage.
+        block: 'quadra' (default), 'conv', 'skip', 'hor', 'swin', or a block class.
+        kernel_size: spatial kernel of the blocks (None: the block's default, 7).
+        mlp_ratio: channel-MLP expansion.
+        layer_scale_init: initial layer scale (None: the block's default, 1e-6).
+        memory_efficient: quadratic convs keep only their input for backward.
+        stage_block_kwargs: extra block arguments per stage (e.g. HorNet's orders).
+        stem_stride: 4 (the paper's 4x4 patchify stem), 2, or 1 for 28-32 px images.
+        global_pool: 'avg', 'max', ... or '' for no pooling.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, rising linearly over all blocks to this value.
+        head_init_scale: scale of the initial classifier weights.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depths: Sequence[int] = (3, 3, 27, 3),
+        dims: Sequence[int] = (64, 128, 256, 512),
+        block: str | type[nn.Module] = "quadra",
+        kernel_size: int | None = None,
+        mlp_ratio: float = 4.0,
+        layer_scale_init: float | None = None,
+        memory_efficient: bool | None = None,
+        stage_block_kwargs: Sequence[Mapping[str, Any]] | None = None,
+        stem_stride: int = 4,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        head_init_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if len(depths) != len(dims):
+            raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} differ in length")
+        if stem_stride not in (1, 2, 4):
+            raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
+        if in_chans <= 0:
+            raise ValueError(f"in_chans must be positive, got {in_chans}")
+        num_stages = len(depths)
+        stage_block_kwargs = stage_block_kwargs or [{}] * num_stages
+        if len(stage_block_kwargs) != num_stages:
+            raise ValueError(f"stage_block_kwargs needs one mapping per stage ({num_stages})")
+        block_fn = get_block(block)
+        common = dict(
+            kernel_size=kernel_size,
+            mlp_ratio=mlp_ratio,
+            layer_scale_init=layer_scale_init,
+            memory_efficient=memory_efficient,
+        )
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.stem_stride = stem_stride
+        self.drop_rate = drop_rate
+        self.num_features = self.head_hidden_size = dims[-1]
+
+        stem_kernel = 3 if stem_stride == 1 else stem_stride
+        self.stem = nn.Sequential(
+            nn.Conv2d(
+                in_chans,
+                dims[0],
+                stem_kernel,
+                stride=stem_stride,
+                padding=(stem_kernel - stem_stride) // 2,
+            ),
+            LayerNorm2d(dims[0], eps=LN_EPS),
+        )
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        stages, self.feature_info = [], []
+        start = 0
+        for i, depth in enumerate(depths):
+            kwargs = _block_kwargs(block_fn, **common, **stage_block_kwargs[i])
+            stages.append(
+                QuadraStage(
+                    dims[max(i - 1, 0)],
+                    dims[i],
+                    depth,
+                    block_fn,
+                    kwargs,
+                    rates[start : start + depth],
+                    downsample=i > 0,
+                )
+            )
+            start += depth
+            reduction = stem_stride * 2**i
+            self.feature_info.append(
+                dict(num_chs=dims[i], reduction=reduction, module=f"stages.{i}")
+            )
+        self.stages = nn.Sequential(*stages)
+        self.head = NormMlpClassifierHead(
+            dims[-1],
+            num_classes,
+            pool_type=global_pool,
+            drop_rate=drop_rate,
+            norm_layer=partial(LayerNorm2d, eps=LN_EPS),
+        )
+        self.apply(self._init_weights)
+        if isinstance(self.head.fc, nn.Linear):
+            with torch.no_grad():
+                self.head.fc.weight.mul_(head_init_scale)
+                self.head.fc.bias.mul_(head_init_scale)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (QuadraticConv2d, QuadraticLinear)):
+            module.reset_parameters(module.init)
+
+    @property
+    def min_input_size(self) -> int:
+        """Smallest input side that leaves at least one pixel after the last stage."""
+        return self.stem_stride * 2 ** (len(self.stages) - 1)
+
+    def _name(self) -> str:
+        cfg = getattr(self, "pretrained_cfg", None) or {}
+        return cfg.get("architecture") or type(self).__name__
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(
+                f"expected an NCHW image batch, got a tensor of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"input has {x.shape[1]} channels but {self._name()} was built with "
+                f"in_chans={self.in_chans}; create it with in_chans={x.shape[1]}"
+            )
+        h, w = x.shape[-2:]
+        if min(h, w) < self.min_input_size:
+            hint = (
+                f"; use stem_stride={max(1, self.stem_stride // 4)} for small images"
+                if self.stem_stride > 1
+                else ""
+            )
+            raise ValueError(
+                f"input is {h}x{w} but {self._name()} needs at least "
+                f"{self.min_input_size}x{self.min_input_size} (stem stride {self.stem_stride}, "
+                f"{len(self.stages) - 1} downsamples){hint}"
+            )
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay (timm convention)."""
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage's blocks in backward instead of keeping their activations."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (0 removes it); `global_pool=''` keeps the unpooled map."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The unpooled feature map of the last stage, (N, dims[-1], H', W')."""
+        self._check_input(x)
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, LayerNorm and classify a feature map (or stop before the classifier)."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0",
+        "classifier": "head.fc",
+        **kwargs,
+    }
+
+
+WIDTHS = {"xxs": 16, "xs": 32, "t": 64, "s": 96, "b": 128}
+DEPTHS = {"36": (3, 3, 27, 3), "25": (2, 3, 18, 2)}
+HORNET_WIDTHS = {"t": 64, "s": 96, "b": 128}
+HORNET_DEPTHS = (2, 3, 18, 2)
+HORNET_ORDERS = (2, 3, 4, 5)
+
+QUADRANET_MODELS = [f"quadranet{d}_{w}" for d in DEPTHS for w in WIDTHS]
+FIRST_ORDER_MODELS = [f"convnet{d}_{w}" for d in DEPTHS for w in WIDTHS]
+HORNET_MODELS = [f"hornet_{w}" for w in HORNET_WIDTHS]
+
+default_cfgs = generate_default_cfgs(
+    {name: _cfg() for name in QUADRANET_MODELS + FIRST_ORDER_MODELS + HORNET_MODELS}
+)
+
+
+def _create(variant: str, pretrained: bool, **kwargs: Any) -> QuadraNet:
+    if pretrained:
+        raise ValueError(
+            f"no pretrained weights are published for {variant}; use pretrained=False and "
+            "train it (`quadranet train --model ...`) or load your own checkpoint"
+        )
+    return build_model_with_cfg(
+        QuadraNet,
+        variant,
+        pretrained,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs,
+    )
+
+
+def _family(variant: str, depths: str, width: str, block: str, **kwargs: Any) -> QuadraNet:
+    c = WIDTHS[width]
+    args = dict(depths=DEPTHS[depths], dims=(c, 2 * c, 4 * c, 8 * c), block=block)
+    return _create(variant, kwargs.pop("pretrained", False), **{**args, **kwargs})
+
+
+def _hornet(variant: str, width: str, **kwargs: Any) -> QuadraNet:
+    c = HORNET_WIDTHS[width]
+    args = dict(
+        depths=HORNET_DEPTHS,
+        dims=(c, 2 * c, 4 * c, 8 * c),
+        block="hor",
+        stage_block_kwargs=[{"order": n} for n in HORNET_ORDERS],
+    )
+    return _create(variant, kwargs.pop("pretrained", False), **{**args, **kwargs})
+
+
+@register_model
+def quadranet36_xxs(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """QuadraNet-36 XXS: C=16, depths 3,3,27,3 (1.85M params)."""
+    return _family("quadranet36_xxs", "36", "xxs", "quadra", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def quadranet36_xs(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """QuadraNet-36 XS: C=32, depths 3,3,27,3 (6.39M params)."""
+    return _family("quadranet36_xs", "36", "xs", "quadra", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def quadranet36_t(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """QuadraNet-36 T: C=64, depths 3,3,27,3 (23.60M params)."""
+    return _family("quadranet36_t", "36", "t", "quadra", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def quadranet36_s(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """QuadraNet-36 S: C=96, depths 3,3,27,3 (51.62M params)."""
+    return _family("quadranet36_s", "36", "s", "quadra", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def quadranet36_b(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """QuadraNet-36 B: C=128, depths 3,3,27,3 (90.45M params)."""
+    return _family("quadranet36_b", "36", "b", "quadra", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def quadranet25_xxs(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """QuadraNet-25 XXS: C=16, depths 2,3,18,2 (1.30M params)."""
+    return _family("quadranet25_xxs", "25", "xxs", "quadra", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def quadranet25_xs(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """QuadraNet-25 XS: C=32, depths 2,3,18,2 (4.45M params)."""
+    return _family("quadranet25_xs", "25", "xs", "quadra", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def quadranet25_t(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """QuadraNet-25 T: C=64, depths 2,3,18,2 (16.29M params)."""
+    return _family("quadranet25_t", "25", "t", "quadra", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def quadranet25_s(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """QuadraNet-25 S: C=96, depths 2,3,18,2 (35.51M params)."""
+    return _family("quadranet25_s", "25", "s", "quadra", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def quadranet25_b(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """QuadraNet-25 B: C=128, depths 2,3,18,2 (62.13M params)."""
+    return _family("quadranet25_b", "25", "b", "quadra", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def convnet36_xxs(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """First-order twin of quadranet36_xxs (ConvBlock)."""
+    return _family("convnet36_xxs", "36", "xxs", "conv", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def convnet36_xs(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """First-order twin of quadranet36_xs (ConvBlock)."""
+    return _family("convnet36_xs", "36", "xs", "conv", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def convnet36_t(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """First-order twin of quadranet36_t (ConvBlock)."""
+    return _family("convnet36_t", "36", "t", "conv", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def convnet36_s(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """First-order twin of quadranet36_s (ConvBlock)."""
+    return _family("convnet36_s", "36", "s", "conv", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def convnet36_b(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """First-order twin of quadranet36_b (ConvBlock)."""
+    return _family("convnet36_b", "36", "b", "conv", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def convnet25_xxs(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """First-order twin of quadranet25_xxs (ConvBlock)."""
+    return _family("convnet25_xxs", "25", "xxs", "conv", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def convnet25_xs(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """First-order twin of quadranet25_xs (ConvBlock)."""
+    return _family("convnet25_xs", "25", "xs", "conv", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def convnet25_t(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """First-order twin of quadranet25_t (ConvBlock)."""
+    return _family("convnet25_t", "25", "t", "conv", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def convnet25_s(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """First-order twin of quadranet25_s (ConvBlock)."""
+    return _family("convnet25_s", "25", "s", "conv", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def convnet25_b(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """First-order twin of quadranet25_b (ConvBlock)."""
+    return _family("convnet25_b", "25", "b", "conv", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def hornet_t(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """HorNet-T 7x7 (gnConv orders 2-5, C=64, depths 2,3,18,2; 22.4M params)."""
+    return _hornet("hornet_t", "t", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def hornet_s(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """HorNet-S 7x7 (gnConv orders 2-5, C=96, depths 2,3,18,2)."""
+    return _hornet("hornet_s", "s", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def hornet_b(pretrained: bool = False, **kwargs: Any) -> QuadraNet:
+    """HorNet-B 7x7 (gnConv orders 2-5, C=128, depths 2,3,18,2)."""
+    return _hornet("hornet_b", "b", pretrained=pretrained, **kwargs)

@@ -1,0 +1,29 @@
+"""LayerNorm over the channels of an NCHW map, through the fused library kernel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def layer_norm_2d(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-6
+) -> torch.Tensor:
+    """LayerNorm over dim 1 of an NCHW tensor (free permutes when x is channels-last)."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps)
+    return y.permute(0, 3, 1, 2)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """Channels-first LayerNorm: normalises each pixel's C values (NCHW in and out)."""
+
+    def __init__(
+        self, num_channels: int, eps: float = 1e-6, affine: bool = True, device=None, dtype=None
+    ) -> None:
+        super().__init__(
+            num_channels, eps=eps, elementwise_affine=affine, device=device, dtype=dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm_2d(x, self.weight, self.bias, self.eps)
