@@ -34,7 +34,7 @@ def test_quadrablock_formula():
     n1 = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (8,), eps=1e-6)
     n1 = n1 * block.norm1.weight + block.norm1.bias
     h = x + 0.5 * block.mixer(n1.permute(0, 3, 1, 2))
-    z = block.mlp(h.permute(0, 2, 3, 1)) * 0.5
+    z = block.mlp(h.permute(0, 2, 3, 1))  # includes its layer scale (0.5)
     torch.testing.assert_close(block(x), h + z.permute(0, 3, 1, 2))
 
 

@@ -139,7 +139,7 @@ def test_kwargs_reach_the_blocks():
         "quadranet25_xxs", kernel_size=5, mlp_ratio=2.0, memory_efficient=True
     )
     conv = model.stages[0].blocks[0].mixer
-    assert conv.kernel_size == (5, 5) and conv.memory_efficient
+    assert conv.kernel_size == (5, 5) and model.stages[0].blocks[0].memory_efficient
     assert model.stages[0].blocks[0].mlp.fc1.out_features == 32
 
 

@@ -16,6 +16,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
 from quadranet.nn import LayerNorm2d, QuadraticConv2d
+from quadranet.nn.fused import channel_mlp, quadratic_mixer
 
 LN_EPS = 1e-6
 
@@ -31,18 +32,48 @@ def check_kernel_size(kernel_size: int) -> int:
 
 
 class ChannelMlp(nn.Module):
-    """Channel mixing on an NHWC map: LN, Linear C -> eC, GELU, Linear eC -> C."""
+    """Channel mixing on an NHWC map: gamma * fc2(GELU(fc1(LN(x)))).
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0) -> None:
+    `memory_efficient=True` runs it as one op that keeps only x, the LN statistics and
+    fc1's output for backward (see `quadranet.nn.fused.channel_mlp`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float = 4.0,
+        layer_scale_init: float | None = 1e-6,
+        memory_efficient: bool = False,
+    ) -> None:
         super().__init__()
         hidden = int(mlp_ratio * dim)
+        self.memory_efficient = memory_efficient
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+        self.gamma = _layer_scale(dim, layer_scale_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        if self.memory_efficient and torch.is_grad_enabled():
+            return channel_mlp(
+                x,
+                self.norm.weight,
+                self.norm.bias,
+                self.fc1.weight,
+                self.fc1.bias,
+                self.fc2.weight,
+                self.fc2.bias,
+                self.gamma,
+                self.norm.eps,
+            )
+        y = self.fc2(self.act(self.fc1(self.norm(x))))
+        return y * self.gamma if self.gamma is not None else y
+
+
+def _layer_scale(dim: int, init: float | None) -> nn.Parameter | None:
+    """Per-channel layer scale initialised to `init`; None or 0 disables it."""
+    return nn.Parameter(torch.full((dim,), float(init))) if init else None
 
 
 class MixerBlock(nn.Module):
@@ -54,6 +85,7 @@ class MixerBlock(nn.Module):
         mlp_ratio: hidden width of the channel MLP relative to `dim`.
         drop_path: stochastic depth rate of both branches.
         layer_scale_init: initial per-channel scale (gamma); None or 0 disables it.
+        memory_efficient: run the channel MLP with recomputation (exact gradients).
     """
 
     def __init__(
@@ -63,37 +95,37 @@ class MixerBlock(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         layer_scale_init: float | None = 1e-6,
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
-        use_scale = bool(layer_scale_init)
         if mixer is not None:
             self.norm1 = LayerNorm2d(dim, eps=LN_EPS)
             self.mixer = mixer
-            self.gamma1 = (
-                nn.Parameter(torch.full((dim,), float(layer_scale_init))) if use_scale else None
-            )
+            self.gamma1 = _layer_scale(dim, layer_scale_init)
         else:
             self.norm1 = self.mixer = self.gamma1 = None
-        self.mlp = ChannelMlp(dim, mlp_ratio)
-        self.gamma2 = (
-            nn.Parameter(torch.full((dim,), float(layer_scale_init))) if use_scale else None
-        )
+        self.mlp = ChannelMlp(dim, mlp_ratio, layer_scale_init, memory_efficient)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial-mixing branch, gamma1 * mixer(LN(x)), before drop-path."""
+        y = self.mixer(self.norm1(x))
+        return y * self.gamma1.view(1, -1, 1, 1) if self.gamma1 is not None else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mixer is not None:
-            y = self.mixer(self.norm1(x))
-            if self.gamma1 is not None:
-                y = y * self.gamma1.view(1, -1, 1, 1)
-            x = x + self.drop_path(y)
-        y = self.mlp(x.permute(0, 2, 3, 1))
-        if self.gamma2 is not None:
-            y = y * self.gamma2
-        return x + self.drop_path(y.permute(0, 3, 1, 2))
+            x = x + self.drop_path(self.spatial(x))
+        y = self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x + self.drop_path(y)
 
 
 class QuadraBlock(MixerBlock):
-    """QuadraNet's block: the spatial mixer is a quadratic depthwise k x k convolution."""
+    """QuadraNet's block: the spatial mixer is a quadratic depthwise k x k convolution.
+
+    `memory_efficient=True` runs each residual branch as one op that keeps only the
+    branch input and LayerNorm statistics (plus fc1's output in the MLP) for backward,
+    recomputing the rest with hand-derived gradients (`quadranet.nn.fused`).
+    """
 
     def __init__(
         self,
@@ -105,10 +137,23 @@ class QuadraBlock(MixerBlock):
         memory_efficient: bool = False,
     ) -> None:
         check_kernel_size(kernel_size)
-        mixer = QuadraticConv2d(
-            dim, dim, kernel_size, groups=dim, memory_efficient=memory_efficient
+        mixer = QuadraticConv2d(dim, dim, kernel_size, groups=dim)
+        super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init, memory_efficient)
+        self.memory_efficient = memory_efficient
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.memory_efficient and torch.is_grad_enabled()):
+            return super().spatial(x)
+        return quadratic_mixer(
+            x,
+            self.norm1.weight,
+            self.norm1.bias,
+            self.mixer.weight,
+            self.mixer.bias,
+            self.gamma1,
+            self.norm1.eps,
+            self.mixer.padding[0],
         )
-        super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init)
 
 
 class ConvBlock(MixerBlock):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "quadranet.commands.models",
     "quadranet.engine.commands",
+    "quadranet.bench.commands",
 )
 
 

@@ -1,0 +1,179 @@
+"""Memory-efficient residual branches of a QuadraBlock, with hand-derived backward.
+
+`quadratic_mixer`: gamma * QuadraticDWConv(LN(x)). Plain autograd keeps the LN output,
+the fused 3C-channel conv output and the product for backward (about 6 activation-sized
+tensors); this op keeps only x and the LayerNorm statistics, and recomputes LN and the
+conv in backward (one extra depthwise conv, a few percent of a block's FLOPs).
+
+`channel_mlp`: gamma * fc2(GELU(fc1(LN(x)))) on an NHWC map. Plain autograd keeps x,
+the LN output, fc1's output, GELU's output and fc2's output (11 C per pixel); this op
+keeps x, the LN statistics and fc1's output (5 C per pixel), recomputing LN and GELU.
+The layer-scale gradient comes from the fc2 weight-gradient product, so fc2 is never
+recomputed: with M = G^T Z (G the output gradient, Z = GELU(U)),
+dW2 = gamma * M and dgamma = rowsum(M * W2) + b2 * colsum(G).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.utils import _pair
+
+from quadranet.nn.quadratic import _combine, _split_branches
+
+aten = torch.ops.aten
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """NHWC view of an NCHW tensor (free for channels-last tensors)."""
+    return x.permute(0, 2, 3, 1)
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+class _QuadraticMixerFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, conv_w, conv_b, gamma, eps, padding):  # noqa: D102
+        c = x.shape[1]
+        n, mean, rstd = aten.native_layer_norm(_nhwc(x), [c], ln_w, ln_b, eps)
+        q = _combine(F.conv2d(_nchw(n), conv_w, conv_b, 1, padding, 1, c), c)
+        ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma)
+        ctx.args = (eps, padding)
+        return q * gamma.view(1, -1, 1, 1) if gamma is not None else q
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma = ctx.saved_tensors
+        eps, padding = ctx.args
+        c = x.shape[1]
+        x_nhwc = _nhwc(x)
+        n = _nchw(F.layer_norm(x_nhwc, (c,), ln_w, ln_b, eps))
+        y3 = F.conv2d(n, conv_w, conv_b, 1, padding, 1, c)
+        a, b, cc = _split_branches(y3, c)
+        g = grad.reshape(a.shape)
+        grad_gamma = None
+        if gamma is not None:
+            if ctx.needs_input_grad[5]:
+                grad_gamma = (g * torch.addcmul(cc, a, b)).sum((0, 3, 4)).reshape(c)
+            g = g * gamma.view(1, -1, 1, 1, 1)
+        grad_y3 = torch.stack((g * b, g * a, g), dim=2).reshape(y3.shape)
+        del y3, a, b, cc
+        grad_n, grad_cw, grad_cb = aten.convolution_backward(
+            grad_y3,
+            n,
+            conv_w,
+            None if conv_b is None else [conv_b.shape[0]],
+            [1, 1],
+            list(_pair(padding)),
+            [1, 1],
+            False,
+            [0, 0],
+            c,
+            [True, ctx.needs_input_grad[3], conv_b is not None and ctx.needs_input_grad[4]],
+        )
+        del grad_y3, n
+        grad_x, grad_lw, grad_lb = aten.native_layer_norm_backward(
+            _nhwc(grad_n),
+            x_nhwc,
+            [c],
+            mean,
+            rstd,
+            ln_w,
+            ln_b,
+            [ctx.needs_input_grad[0], ln_w is not None, ln_b is not None],
+        )
+        grad_x = None if grad_x is None else _nchw(grad_x)
+        return grad_x, grad_lw, grad_lb, grad_cw, grad_cb, grad_gamma, None, None
+
+
+def quadratic_mixer(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    eps: float = 1e-6,
+    padding: int = 3,
+) -> torch.Tensor:
+    """gamma * QuadraticDWConv(LayerNorm2d(x)), keeping only x and LN statistics for backward.
+
+    `conv_weight` is the fused depthwise weight of `QuadraticConv2d(C, C, k, groups=C)`.
+    """
+    return _QuadraticMixerFn.apply(
+        x, ln_weight, ln_bias, conv_weight, conv_bias, gamma, eps, padding
+    )
+
+
+class _ChannelMlpFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, gamma, eps):  # noqa: D102
+        c = x.shape[-1]
+        n, mean, rstd = aten.native_layer_norm(x, [c], ln_w, ln_b, eps)
+        u = F.linear(n, w1, b1)
+        y = F.linear(F.gelu(u), w2, b2)
+        ctx.save_for_backward(x, mean, rstd, u, ln_w, ln_b, w1, w2, b2, gamma)
+        ctx.eps = eps
+        return y * gamma if gamma is not None else y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        x, mean, rstd, u, ln_w, ln_b, w1, w2, b2, gamma = ctx.saved_tensors
+        c, hidden = x.shape[-1], u.shape[-1]
+        need = ctx.needs_input_grad
+        g = grad.reshape(-1, c)
+        z = F.gelu(u).reshape(-1, hidden)
+        m = g.t() @ z  # G^T Z, shape (C, hidden)
+        g_sum = g.sum(0)
+        grad_gamma = None
+        if gamma is not None:
+            if need[7]:
+                grad_gamma = (m * w2).sum(1) + (b2 * g_sum if b2 is not None else 0)
+            grad_w2 = m * gamma.unsqueeze(1)
+            grad_b2 = g_sum * gamma
+            g = g * gamma
+        else:
+            grad_w2, grad_b2 = m, g_sum
+        del m, z
+        grad_u = aten.gelu_backward(g @ w2, u.reshape(-1, hidden))
+        n = F.layer_norm(x, (c,), ln_w, ln_b, ctx.eps).reshape(-1, c)
+        grad_w1 = grad_u.t() @ n
+        grad_b1 = grad_u.sum(0)
+        grad_n = (grad_u @ w1).reshape(x.shape)
+        del grad_u, n
+        grad_x, grad_lw, grad_lb = aten.native_layer_norm_backward(
+            grad_n, x, [c], mean, rstd, ln_w, ln_b, [need[0], ln_w is not None, ln_b is not None]
+        )
+        return (
+            grad_x,
+            grad_lw,
+            grad_lb,
+            grad_w1,
+            grad_b1 if need[4] else None,
+            grad_w2,
+            grad_b2 if b2 is not None and need[6] else None,
+            grad_gamma,
+            None,
+        )
+
+
+def channel_mlp(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """gamma * fc2(GELU(fc1(LN(x)))) over the last dim, keeping x, LN stats and fc1's output."""
+    return _ChannelMlpFn.apply(
+        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, eps
+    )

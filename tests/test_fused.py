@@ -1,0 +1,88 @@
+"""Memory-efficient branches: float64 gradcheck, equality with plain autograd, saved bytes."""
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from quadranet.bench.measure import saved_tensor_bytes
+from quadranet.blocks import ConvBlock, HorBlock, QuadraBlock
+from quadranet.nn.fused import channel_mlp, quadratic_mixer
+
+D = torch.float64
+
+
+def rand(*shape, grad=True):
+    return torch.randn(*shape, dtype=D, requires_grad=grad)
+
+
+@pytest.mark.parametrize("use_gamma", [True, False])
+@pytest.mark.parametrize("k", [3, 5])
+def test_quadratic_mixer_gradcheck(use_gamma, k):
+    torch.manual_seed(0)
+    c = 5
+    args = [rand(2, c, 6, 6), rand(c), rand(c), rand(3 * c, 1, k, k), rand(3 * c)]
+    args.append(rand(c) if use_gamma else None)
+    assert gradcheck(lambda *a: quadratic_mixer(*a, 1e-6, k // 2), tuple(args))
+
+
+@pytest.mark.parametrize("use_gamma", [True, False])
+def test_channel_mlp_gradcheck(use_gamma):
+    torch.manual_seed(1)
+    c, h = 4, 12
+    args = [rand(2, 3, 3, c), rand(c), rand(c), rand(h, c), rand(h), rand(c, h), rand(c)]
+    args.append(rand(c) if use_gamma else None)
+    assert gradcheck(lambda *a: channel_mlp(*a, 1e-6), tuple(args))
+
+
+def _run_block(block, x, memory_efficient):
+    block.memory_efficient = memory_efficient
+    block.mlp.memory_efficient = memory_efficient
+    block.zero_grad()
+    xi = x.clone().requires_grad_()
+    out = block(xi)
+    out.backward(torch.sin(out))
+    return [out.detach(), xi.grad] + [p.grad.clone() for p in block.parameters()]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_memory_efficient_block_equals_plain_autograd(channels_last):
+    torch.manual_seed(2)
+    block = QuadraBlock(8, kernel_size=5, layer_scale_init=0.7).double()
+    with torch.no_grad():  # non-trivial parameters everywhere
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 8, 9, 9, dtype=D)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    plain = _run_block(block, x, False)
+    efficient = _run_block(block, x, True)
+    for a, b in zip(plain, efficient):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_memory_efficient_block_with_drop_path_matches():
+    block = QuadraBlock(8, drop_path=0.5, layer_scale_init=0.5).double()
+    x = torch.randn(4, 8, 7, 7, dtype=D)
+    torch.manual_seed(3)
+    plain = _run_block(block, x, False)
+    torch.manual_seed(3)
+    efficient = _run_block(block, x, True)
+    for a, b in zip(plain, efficient):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def _saved(block, x):
+    return saved_tensor_bytes(lambda: block(x), exclude=tuple(block.parameters()))
+
+
+def test_memory_efficient_block_saves_far_less():
+    torch.manual_seed(4)
+    x = torch.randn(2, 32, 14, 14, requires_grad=True)
+    plain = _saved(QuadraBlock(32), x)
+    efficient = _saved(QuadraBlock(32, memory_efficient=True), x)
+    act = x.numel() * x.element_size()
+    # Spatial branch: x only; MLP: its input and fc1's output (4C); plus LN statistics.
+    assert efficient < 6.2 * act
+    assert efficient <= 0.65 * _saved(HorBlock(32, order=3), x)
+    assert efficient <= _saved(ConvBlock(32), x)
+    assert efficient < 0.4 * plain
