@@ -7,6 +7,7 @@ import torch
 import quadranet
 from quadranet.bench.measure import count_macs, count_params
 from quadranet.models import create_model, list_models
+from quadranet.nn import QuadraticConv2d
 
 # DESIGN.md section 3 (1000 classes): exact counts where given, else to the 0.01M shown.
 PUBLISHED_PARAMS = {
@@ -143,19 +144,44 @@ def test_kwargs_reach_the_blocks():
     assert model.stages[0].blocks[0].mlp.fc1.out_features == 32
 
 
-def test_memory_efficient_model_equals_plain_model():
-    x = torch.randn(2, 3, 32, 32)
+def _naive_forward(self, x):
+    """Plain-autograd quadratic conv: three convolutions, a * b + c."""
+    wa, wb, wc = self.branch_weights()
+    ba, bb, bc = (t.reshape(-1) for t in self.bias.view(self.groups, 3, -1).unbind(1))
+    args = dict(stride=self.stride, padding=self.padding, groups=self.groups)
+    conv = torch.nn.functional.conv2d
+    return conv(x, wa, ba, **args) * conv(x, wb, bb, **args) + conv(x, wc, bc, **args)
+
+
+def test_memory_efficient_model_equals_plain_autograd(monkeypatch):
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     results = []
-    for memory_efficient in (False, True):
+    for memory_efficient in (True, False):
+        if not memory_efficient:  # the reference: no custom autograd anywhere
+            monkeypatch.setattr(QuadraticConv2d, "forward", _naive_forward)
         torch.manual_seed(0)
         model = timm.create_model(
-            "quadranet25_xxs", num_classes=4, memory_efficient=memory_efficient
+            "quadranet25_xxs",
+            num_classes=4,
+            memory_efficient=memory_efficient,
+            layer_scale_init=0.3,
         ).double()
-        out = model(x.double())
+        out = model(x)
         out.square().sum().backward()
         results.append([out] + [p.grad for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_family_is_memory_efficient_by_default():
+    model = timm.create_model("quadranet25_xxs")
+    assert all(b.memory_efficient for s in model.stages for b in s.blocks)
+    assert (
+        not timm.create_model("quadranet25_xxs", memory_efficient=False)
+        .stages[0]
+        .blocks[0]
+        .memory_efficient
+    )
 
 
 def test_wrong_channel_count_says_what_to_do(small_model):

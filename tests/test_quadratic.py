@@ -8,6 +8,7 @@ from torch.autograd import gradcheck
 
 from quadranet.bench.measure import saved_tensor_bytes
 from quadranet.nn import QuadraticConv2d, QuadraticLinear, quadratic_conv2d
+from quadranet.nn.quadratic import _combine
 
 CONV_CASES = [
     # in, out, k, stride, groups, H
@@ -57,25 +58,47 @@ def test_memory_efficient_gradcheck(cin, cout, k, stride, groups, size):
     assert gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("cin,cout,k,stride,groups,size", CONV_CASES)
-def test_memory_efficient_gradients_equal_autograd(cin, cout, k, stride, groups, size):
+def test_gradients_equal_naive_autograd(
+    cin, cout, k, stride, groups, size, channels_last, memory_efficient
+):
+    """Custom backward (fast depthwise or memory-efficient) vs autograd on three convs."""
     torch.manual_seed(2)
     x = torch.randn(2, cin, size, size, dtype=torch.float64)
-    grads = []
-    for memory_efficient in (False, True):
-        torch.manual_seed(3)
-        m = QuadraticConv2d(
-            cin, cout, k, stride=stride, groups=groups, memory_efficient=memory_efficient
-        ).double()
-        with torch.no_grad():
-            m.weight.normal_()
-            m.bias.normal_()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    m = QuadraticConv2d(
+        cin, cout, k, stride=stride, groups=groups, memory_efficient=memory_efficient
+    ).double()
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    results = []
+    for forward in (m, lambda x: naive_quadratic_conv(m, x)):
+        m.zero_grad()
         xi = x.clone().requires_grad_()
-        out = m(xi)
+        out = forward(xi)
         out.backward(torch.cos(out))
-        grads.append((out.detach(), xi.grad, m.weight.grad, m.bias.grad))
-    for plain, efficient in zip(*grads):
-        torch.testing.assert_close(efficient, plain, rtol=1e-10, atol=1e-12)
+        results.append((out.detach(), xi.grad, m.weight.grad.clone(), m.bias.grad.clone()))
+    for fast, naive in zip(*results):
+        torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-12)
+    if channels_last and groups == cin == cout:
+        assert results[0][0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,groups,size", CONV_CASES)
+def test_per_branch_path_equals_one_fused_call(cin, cout, k, stride, groups, size):
+    """The depthwise fast path equals one grouped conv with 3x outputs, then a * b + c."""
+    torch.manual_seed(3)
+    m = QuadraticConv2d(cin, cout, k, stride=stride, groups=groups).double()
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    x = torch.randn(2, cin, size, size, dtype=torch.float64)
+    y3 = F.conv2d(x, m.weight, m.bias, m.stride, m.padding, 1, groups)
+    torch.testing.assert_close(m(x), _combine(y3, groups), rtol=1e-10, atol=1e-12)
 
 
 def test_memory_efficient_without_bias_and_input_grad_only():

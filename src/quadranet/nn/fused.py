@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from quadranet.nn.quadratic import _combine, _split_branches
+from quadranet.nn.depthwise import branch_convs, depthwise_quadratic_backward
 
 aten = torch.ops.aten
 
@@ -39,43 +39,35 @@ class _QuadraticMixerFn(torch.autograd.Function):
     def forward(ctx, x, ln_w, ln_b, conv_w, conv_b, gamma, eps, padding):  # noqa: D102
         c = x.shape[1]
         n, mean, rstd = aten.native_layer_norm(_nhwc(x), [c], ln_w, ln_b, eps)
-        q = _combine(F.conv2d(_nchw(n), conv_w, conv_b, 1, padding, 1, c), c)
+        conv_args = ((1, 1), _pair(padding), (1, 1))
+        ya, yb, yc = branch_convs(_nchw(n), conv_w, conv_b, conv_args)
+        q = torch.addcmul(yc, ya, yb)
         ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma)
-        ctx.args = (eps, padding)
+        ctx.args = (eps, conv_args)
         return q * gamma.view(1, -1, 1, 1) if gamma is not None else q
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
         x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma = ctx.saved_tensors
-        eps, padding = ctx.args
+        eps, conv_args = ctx.args
+        need = ctx.needs_input_grad
         c = x.shape[1]
         x_nhwc = _nhwc(x)
         n = _nchw(F.layer_norm(x_nhwc, (c,), ln_w, ln_b, eps))
-        y3 = F.conv2d(n, conv_w, conv_b, 1, padding, 1, c)
-        a, b, cc = _split_branches(y3, c)
-        g = grad.reshape(a.shape)
         grad_gamma = None
+        if gamma is not None and need[5]:
+            ya, yb, yc = branch_convs(n, conv_w, conv_b, conv_args)
+            grad_gamma = (grad * torch.addcmul(yc, ya, yb)).sum((0, 2, 3))
+            del yc
+        else:
+            ya, yb = branch_convs(n, conv_w, conv_b, conv_args, (0, 1))
         if gamma is not None:
-            if ctx.needs_input_grad[5]:
-                grad_gamma = (g * torch.addcmul(cc, a, b)).sum((0, 3, 4)).reshape(c)
-            g = g * gamma.view(1, -1, 1, 1, 1)
-        grad_y3 = torch.stack((g * b, g * a, g), dim=2).reshape(y3.shape)
-        del y3, a, b, cc
-        grad_n, grad_cw, grad_cb = aten.convolution_backward(
-            grad_y3,
-            n,
-            conv_w,
-            None if conv_b is None else [conv_b.shape[0]],
-            [1, 1],
-            list(_pair(padding)),
-            [1, 1],
-            False,
-            [0, 0],
-            c,
-            [True, ctx.needs_input_grad[3], conv_b is not None and ctx.needs_input_grad[4]],
+            grad = grad * gamma.view(1, -1, 1, 1)
+        grad_n, grad_cw, grad_cb = depthwise_quadratic_backward(
+            n, conv_w, conv_b, ya, yb, grad, conv_args, (True, need[3], need[4])
         )
-        del grad_y3, n
+        del ya, yb, n
         grad_x, grad_lw, grad_lb = aten.native_layer_norm_backward(
             _nhwc(grad_n),
             x_nhwc,
@@ -84,7 +76,7 @@ class _QuadraticMixerFn(torch.autograd.Function):
             rstd,
             ln_w,
             ln_b,
-            [ctx.needs_input_grad[0], ln_w is not None, ln_b is not None],
+            [need[0], ln_w is not None, ln_b is not None],
         )
         grad_x = None if grad_x is None else _nchw(grad_x)
         return grad_x, grad_lw, grad_lb, grad_cw, grad_cb, grad_gamma, None, None

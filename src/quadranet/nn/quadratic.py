@@ -17,6 +17,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
+from quadranet.nn.depthwise import depthwise_quadratic_conv2d
+
 InitMode = Literal["default", "adapter"]
 INIT_STD = 0.02
 
@@ -28,11 +30,32 @@ def _split_branches(y3: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
     return y.unbind(2)
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _combine(y3: torch.Tensor, groups: int) -> torch.Tensor:
-    """a * b + c over the branches of a fused output (one fused multiply-add)."""
+    """a * b + c over the branches of a fused output (one fused multiply-add).
+
+    The result keeps y3's memory format (channels-last stays channels-last).
+    """
+    if _is_channels_last(y3):  # work on the NHWC view, whose memory order is dense
+        a, b, c = y3.permute(0, 2, 3, 1).unflatten(-1, (groups, 3, -1)).unbind(-2)
+        return torch.addcmul(c, a, b).flatten(-2).permute(0, 3, 1, 2)
     a, b, c = _split_branches(y3, groups)
-    out = torch.addcmul(c, a, b)
-    return out.reshape(y3.shape[0], y3.shape[1] // 3, *y3.shape[2:])
+    return torch.addcmul(c, a, b).flatten(1, 2)
+
+
+def _branch_grads(y3: torch.Tensor, grad: torch.Tensor, groups: int) -> torch.Tensor:
+    """Gradient w.r.t. the fused output: (g * b, g * a, g), laid out like y3."""
+    a, b, _ = _split_branches(y3, groups)
+    g = grad.reshape(a.shape)
+    grad_y3 = torch.empty_like(y3)
+    ga, gb, gc = _split_branches(grad_y3, groups)
+    torch.mul(g, b, out=ga)
+    torch.mul(g, a, out=gb)
+    gc.copy_(g)
+    return grad_y3
 
 
 def quadratic_linear(
@@ -60,11 +83,9 @@ class _QuadraticConv2dFn(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv_args
         with torch.no_grad():
             y3 = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-            a, b, _ = _split_branches(y3, groups)
-            g = grad_out.reshape(a.shape)
             # dL/da = g * b, dL/db = g * a, dL/dc = g, laid out like the fused output.
-            grad_y3 = torch.stack((g * b, g * a, g.expand_as(a)), dim=2).reshape(y3.shape)
-            del y3, a, b
+            grad_y3 = _branch_grads(y3, grad_out, groups)
+            del y3
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad_y3,
                 x,
@@ -94,8 +115,13 @@ def quadratic_conv2d(
     """Quadratic convolution with a fused weight of shape (3 * out, in / groups, kh, kw).
 
     With `memory_efficient=True` a custom autograd Function keeps only x (and the
-    weights) for backward and recomputes the two product branches from x.
+    weights) for backward and recomputes the two product branches from x. The
+    depthwise case runs the fast kernels of `quadranet.nn.depthwise`.
     """
+    if groups == x.shape[1] == weight.shape[0] // 3 and weight.shape[1] == 1:
+        return depthwise_quadratic_conv2d(
+            x, weight, bias, stride, padding, dilation, memory_efficient
+        )
     if memory_efficient and torch.is_grad_enabled():
         return _QuadraticConv2dFn.apply(x, weight, bias, stride, padding, dilation, groups)
     return _combine(F.conv2d(x, weight, bias, stride, padding, dilation, groups), groups)
