@@ -86,3 +86,26 @@ def test_memory_efficient_block_saves_far_less():
     assert efficient <= 0.65 * _saved(HorBlock(32, order=3), x)
     assert efficient <= _saved(ConvBlock(32), x)
     assert efficient < 0.4 * plain
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_bf16_autocast_training_step(memory_efficient):
+    """CPU autocast: finite outputs and fp32 gradients close to the fp32 ones."""
+    import timm
+
+    torch.manual_seed(5)
+    model = timm.create_model(
+        "quadranet25_xxs", num_classes=10, memory_efficient=memory_efficient, layer_scale_init=1.0
+    )
+    x = torch.randn(2, 3, 64, 64) * 4  # realistic activation scale
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = model(x)
+        assert torch.isfinite(out).all()
+        out.float().square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[1].dtype == torch.float32 and torch.isfinite(grads[1]).all()
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert cos > 0.95

@@ -24,6 +24,18 @@ aten = torch.ops.aten
 ConvArgs = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, padding, dilation
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype convolutions and matmuls run in: autocast's when it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`t.to(dtype)`, passing None through."""
+    return None if t is None else t.to(dtype)
+
+
 def branch_convs(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -91,8 +103,13 @@ class _DepthwiseQuadraticFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, conv_args, save_branches):  # noqa: D102
-        a, b, c = branch_convs(x, weight, bias, conv_args)
-        out = torch.addcmul(c, a, b)
+        # Under autocast, run in its dtype explicitly so backward can use the same one.
+        dtype = compute_dtype(x)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            x, w, b_ = x.to(dtype), weight.to(dtype), cast(bias, dtype)
+            a, b, c = branch_convs(x, w, b_, conv_args)
+            out = torch.addcmul(c, a, b)
         ctx.conv_args = conv_args
         ctx.save_branches = save_branches
         ctx.save_for_backward(x, weight, bias, *((a, b) if save_branches else ()))
@@ -102,10 +119,11 @@ class _DepthwiseQuadraticFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
         x, weight, bias, *ab = ctx.saved_tensors
-        a, b = ab if ctx.save_branches else branch_convs(x, weight, bias, ctx.conv_args, (0, 1))
+        w, b_ = weight.to(x.dtype), cast(bias, x.dtype)
+        a, b = ab if ctx.save_branches else branch_convs(x, w, b_, ctx.conv_args, (0, 1))
         needs = tuple(ctx.needs_input_grad[:3])
-        grads = depthwise_quadratic_backward(x, weight, bias, a, b, grad, ctx.conv_args, needs)
-        return *grads, None, None
+        grads = depthwise_quadratic_backward(x, w, b_, a, b, grad.to(x.dtype), ctx.conv_args, needs)
+        return *(cast(g, d) for g, d in zip(grads, ctx.dtypes)), None, None
 
 
 def depthwise_quadratic_conv2d(

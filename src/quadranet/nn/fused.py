@@ -20,9 +20,19 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from quadranet.nn.depthwise import branch_convs, depthwise_quadratic_backward
+from quadranet.nn.depthwise import (
+    branch_convs,
+    cast,
+    compute_dtype,
+    depthwise_quadratic_backward,
+)
 
 aten = torch.ops.aten
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for reductions: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -38,38 +48,46 @@ class _QuadraticMixerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, conv_w, conv_b, gamma, eps, padding):  # noqa: D102
         c = x.shape[1]
-        n, mean, rstd = aten.native_layer_norm(_nhwc(x), [c], ln_w, ln_b, eps)
+        dtype = compute_dtype(x)  # the conv's dtype; LayerNorm statistics stay in x's
         conv_args = ((1, 1), _pair(padding), (1, 1))
-        ya, yb, yc = branch_convs(_nchw(n), conv_w, conv_b, conv_args)
-        q = torch.addcmul(yc, ya, yb)
+        with torch.autocast(x.device.type, enabled=False):
+            n, mean, rstd = aten.native_layer_norm(_nhwc(x), [c], ln_w, ln_b, eps)
+            ya, yb, yc = branch_convs(
+                _nchw(n).to(dtype), conv_w.to(dtype), cast(conv_b, dtype), conv_args
+            )
+            q = torch.addcmul(yc, ya, yb)
+            out = q * gamma.to(dtype).view(1, -1, 1, 1) if gamma is not None else q
         ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma)
-        ctx.args = (eps, conv_args)
-        return q * gamma.view(1, -1, 1, 1) if gamma is not None else q
+        ctx.args = (eps, conv_args, dtype)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
         x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma = ctx.saved_tensors
-        eps, conv_args = ctx.args
+        eps, conv_args, dtype = ctx.args
         need = ctx.needs_input_grad
         c = x.shape[1]
         x_nhwc = _nhwc(x)
-        n = _nchw(F.layer_norm(x_nhwc, (c,), ln_w, ln_b, eps))
+        n = _nchw(F.layer_norm(x_nhwc, (c,), ln_w, ln_b, eps)).to(dtype)
+        w, b = conv_w.to(dtype), cast(conv_b, dtype)
+        grad = grad.to(dtype)
         grad_gamma = None
         if gamma is not None and need[5]:
-            ya, yb, yc = branch_convs(n, conv_w, conv_b, conv_args)
-            grad_gamma = (grad * torch.addcmul(yc, ya, yb)).sum((0, 2, 3))
-            del yc
+            ya, yb, yc = branch_convs(n, w, b, conv_args)
+            q = torch.addcmul(yc, ya, yb)
+            grad_gamma = (grad * q).sum((0, 2, 3), dtype=_acc(dtype)).to(gamma.dtype)
+            del yc, q
         else:
-            ya, yb = branch_convs(n, conv_w, conv_b, conv_args, (0, 1))
+            ya, yb = branch_convs(n, w, b, conv_args, (0, 1))
         if gamma is not None:
-            grad = grad * gamma.view(1, -1, 1, 1)
+            grad = grad * gamma.to(dtype).view(1, -1, 1, 1)
         grad_n, grad_cw, grad_cb = depthwise_quadratic_backward(
-            n, conv_w, conv_b, ya, yb, grad, conv_args, (True, need[3], need[4])
+            n, w, b, ya, yb, grad, conv_args, (True, need[3], need[4])
         )
         del ya, yb, n
         grad_x, grad_lw, grad_lb = aten.native_layer_norm_backward(
-            _nhwc(grad_n),
+            _nhwc(grad_n).to(x.dtype),
             x_nhwc,
             [c],
             mean,
@@ -79,6 +97,8 @@ class _QuadraticMixerFn(torch.autograd.Function):
             [need[0], ln_w is not None, ln_b is not None],
         )
         grad_x = None if grad_x is None else _nchw(grad_x)
+        grad_cw = cast(grad_cw, conv_w.dtype)
+        grad_cb = None if grad_cb is None else grad_cb.to(conv_b.dtype)
         return grad_x, grad_lw, grad_lb, grad_cw, grad_cb, grad_gamma, None, None
 
 
@@ -105,38 +125,42 @@ class _ChannelMlpFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, gamma, eps):  # noqa: D102
         c = x.shape[-1]
-        n, mean, rstd = aten.native_layer_norm(x, [c], ln_w, ln_b, eps)
-        u = F.linear(n, w1, b1)
-        y = F.linear(F.gelu(u), w2, b2)
+        dtype = compute_dtype(x)  # the matmuls' dtype; LayerNorm statistics stay in x's
+        with torch.autocast(x.device.type, enabled=False):
+            n, mean, rstd = aten.native_layer_norm(x, [c], ln_w, ln_b, eps)
+            u = F.linear(n.to(dtype), w1.to(dtype), cast(b1, dtype))
+            y = F.linear(F.gelu(u), w2.to(dtype), cast(b2, dtype))
+            out = y * gamma.to(dtype) if gamma is not None else y
         ctx.save_for_backward(x, mean, rstd, u, ln_w, ln_b, w1, w2, b2, gamma)
         ctx.eps = eps
-        return y * gamma if gamma is not None else y
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
         x, mean, rstd, u, ln_w, ln_b, w1, w2, b2, gamma = ctx.saved_tensors
-        c, hidden = x.shape[-1], u.shape[-1]
+        c, hidden, dtype = x.shape[-1], u.shape[-1], u.dtype
         need = ctx.needs_input_grad
-        g = grad.reshape(-1, c)
+        g = grad.reshape(-1, c).to(dtype)
+        w2c = w2.to(dtype)
         z = F.gelu(u).reshape(-1, hidden)
-        m = g.t() @ z  # G^T Z, shape (C, hidden)
-        g_sum = g.sum(0)
+        m = (g.t() @ z).to(_acc(dtype))  # G^T Z, shape (C, hidden)
+        g_sum = g.sum(0, dtype=_acc(dtype))
         grad_gamma = None
         if gamma is not None:
             if need[7]:
                 grad_gamma = (m * w2).sum(1) + (b2 * g_sum if b2 is not None else 0)
             grad_w2 = m * gamma.unsqueeze(1)
             grad_b2 = g_sum * gamma
-            g = g * gamma
+            g = g * gamma.to(dtype)
         else:
             grad_w2, grad_b2 = m, g_sum
         del m, z
-        grad_u = aten.gelu_backward(g @ w2, u.reshape(-1, hidden))
-        n = F.layer_norm(x, (c,), ln_w, ln_b, ctx.eps).reshape(-1, c)
+        grad_u = aten.gelu_backward(g @ w2c, u.reshape(-1, hidden))
+        n = F.layer_norm(x, (c,), ln_w, ln_b, ctx.eps).reshape(-1, c).to(dtype)
         grad_w1 = grad_u.t() @ n
-        grad_b1 = grad_u.sum(0)
-        grad_n = (grad_u @ w1).reshape(x.shape)
+        grad_b1 = grad_u.sum(0, dtype=_acc(dtype))
+        grad_n = (grad_u @ w1.to(dtype)).reshape(x.shape).to(x.dtype)
         del grad_u, n
         grad_x, grad_lw, grad_lb = aten.native_layer_norm_backward(
             grad_n, x, [c], mean, rstd, ln_w, ln_b, [need[0], ln_w is not None, ln_b is not None]
@@ -145,11 +169,11 @@ class _ChannelMlpFn(torch.autograd.Function):
             grad_x,
             grad_lw,
             grad_lb,
-            grad_w1,
+            grad_w1.to(w1.dtype),
             grad_b1 if need[4] else None,
-            grad_w2,
+            grad_w2.to(w2.dtype),
             grad_b2 if b2 is not None and need[6] else None,
-            grad_gamma,
+            cast(grad_gamma, gamma.dtype) if gamma is not None else None,
             None,
         )
 

@@ -1,0 +1,400 @@
+"""`quadranet bench throughput`: speed and memory of whole models (the paper's Table I).
+
+For each model: parameters, GMACs, saved activation bytes per image (counted on the meta
+device), and, measured in a child process per model per round with the chosen malloc:
+inference images/s, training images/s (forward, backward, AdamW step), the peak RSS of
+training, and the share of the machine's dense matmul rate that the model's conv and
+linear FLOPs reach (inference 2 x MACs per image, training 6 x MACs per image).
+Models are interleaved over rounds (each round runs every model once, in a rotated
+order) so that drift of the machine hits all alike; the table gives the median over
+rounds with the min-max range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quadranet.bench.measure import activation_bytes_per_image, count_macs, count_params
+from quadranet.bench.reference import REFERENCE_NAME, create_reference_model
+from quadranet.bench.runner import (
+    ALLOCATORS,
+    GEMM_SIZE,
+    ChildProcesses,
+    Column,
+    Panel,
+    Stats,
+    allocator_env,
+    machine_info,
+    progress,
+    ratio,
+    time_fn,
+    track_peak_memory,
+    write_report,
+)
+from quadranet.models import create_model
+
+DEFAULT_MODELS = (
+    "quadranet36_t",
+    "convnet36_t",
+    "hornet_t",
+    "swin_tiny_patch4_window7_224",
+    "convnext_tiny",
+    REFERENCE_NAME,
+)
+REFERENCES = ("hornet_t", REFERENCE_NAME)  # ratio columns, when these models are in the run
+PRECISIONS = ("fp32", "bf16")
+GEMM = "GEMM"  # the matmul-rate measurement, run in each round like a model
+GEMM_TARGET = "quadranet.bench.runner:matmul_gflops"
+MiB = 2**20
+
+
+def build_model(name: str) -> nn.Module:
+    """A benchmark model by name: `reference`, or any timm / QuadraNet model (untrained)."""
+    if name == REFERENCE_NAME:
+        return create_reference_model()
+    return create_model(name, pretrained=False)
+
+
+def model_costs(name: str, img_size: int) -> dict[str, Any]:
+    """Params, MACs and fp32 saved-activation bytes per image, counted on the meta device."""
+    with torch.device("meta"):
+        model = build_model(name)
+    try:
+        macs = count_macs(model, img_size)
+        act = activation_bytes_per_image(model, img_size)
+    except Exception as err:
+        raise ValueError(f"{name} failed at {img_size}x{img_size} (on meta): {err}") from err
+    return dict(params=count_params(model), macs=macs, act_bytes_per_img=act)
+
+
+def measure_model(
+    name: str,
+    img_size: int = 224,
+    batch: int = 32,
+    train_batch: int = 16,
+    precision: str = "fp32",
+    channels_last: bool = True,
+    compile: bool = False,
+    warmup: int = 2,
+    repeats: int = 5,
+) -> dict[str, Any]:
+    """Training then inference speed of one model, and the peak RSS of training (a child job).
+
+    Training runs first so that its peak is measured before inference has used any memory.
+    """
+    torch.manual_seed(0)
+    warmup = max(warmup, 1 if compile else 0)  # compilation happens in the warm-up calls
+    model = build_model(name)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    run = torch.compile(model) if compile else model
+
+    def autocast() -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def images(n: int) -> torch.Tensor:
+        return torch.randn(n, 3, img_size, img_size).contiguous(memory_format=memory_format)
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    x_train = images(train_batch)
+    num_classes = getattr(model, "num_classes", 0) or 1000
+    target = torch.randint(0, num_classes, (train_batch,))
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = F.cross_entropy(run(x_train), target)
+        loss.backward()
+        optimizer.step()
+
+    with track_peak_memory("cpu") as peak:
+        train = time_fn(train_step, warmup, repeats)
+    model.zero_grad(set_to_none=True)
+
+    model.eval()
+    x_infer = images(batch)
+
+    def infer_step() -> None:
+        with torch.no_grad(), autocast():
+            run(x_infer)
+
+    infer = time_fn(infer_step, warmup, repeats)
+    return dict(
+        infer_ips=batch / infer.median,
+        train_ips=train_batch / train.median,
+        infer_s=infer.as_dict(),
+        train_s=train.as_dict(),
+        peak_train_bytes=peak.bytes,
+        threads=torch.get_num_threads(),
+    )
+
+
+def run_throughput_bench(
+    models: Sequence[str] = DEFAULT_MODELS,
+    img_size: int = 224,
+    batch: int = 32,
+    train_batch: int = 16,
+    precision: str = "fp32",
+    channels_last: bool = True,
+    compile: bool = False,
+    threads: int | None = None,
+    rounds: int = 3,
+    warmup: int = 2,
+    repeats: int = 5,
+    allocator: str = "retained",
+    gemm_size: int = GEMM_SIZE,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Table rows (one per model) and the raw per-round measurements."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if min(rounds, repeats, batch, train_batch, img_size) < 1:
+        raise ValueError("rounds, repeats, batch, train-batch and img-size must be positive")
+    if len(set(models)) != len(models) or not models:
+        raise ValueError(f"--models needs distinct names, got {list(models)}")
+    allocator_env(allocator)  # a missing jemalloc fails here, before any work
+    job = dict(
+        img_size=img_size,
+        batch=batch,
+        train_batch=train_batch,
+        precision=precision,
+        channels_last=channels_last,
+        compile=compile,
+        warmup=warmup,
+        repeats=repeats,
+    )
+    gemm_dtype = "bfloat16" if precision == "bf16" else "float32"
+    items = [GEMM, *models]
+    raw: dict[str, list[dict[str, Any]]] = {item: [] for item in items}
+    with ChildProcesses(allocator, threads, preload=[__name__]) as children:
+        children.start()  # the server imports torch while the costs are counted
+        costs = {name: model_costs(name, img_size) for name in models}  # unknown names fail here
+        start = time.perf_counter()
+        for r in range(rounds):
+            shift = r % len(items)
+            for item in items[shift:] + items[:shift]:
+                progress(
+                    f"[throughput] round {r + 1}/{rounds}: {item} "
+                    f"({time.perf_counter() - start:.0f}s elapsed)"
+                )
+                if item == GEMM:
+                    target, kwargs = GEMM_TARGET, dict(size=gemm_size, dtype=gemm_dtype)
+                else:
+                    target, kwargs = f"{__name__}:measure_model", dict(name=item, **job)
+                raw[item].append(children.run(target, kwargs))
+    gemm = Stats.of([g["gflops"] for g in raw[GEMM]])
+    rows = [_row(name, costs[name], raw[name], gemm.median) for name in models]
+    _add_ratios(rows)
+    return rows, dict(gemm=gemm.as_dict(), gemm_dtype=gemm_dtype, rounds=raw, costs=costs)
+
+
+def _row(
+    name: str, cost: dict[str, Any], results: list[dict[str, Any]], gemm_gflops: float
+) -> dict[str, Any]:
+    infer = Stats.of([r["infer_ips"] for r in results])
+    train = Stats.of([r["train_ips"] for r in results])
+    peak = Stats.of([r["peak_train_bytes"] for r in results])
+    gflop_per_img = 2 * cost["macs"] / 1e9
+    return dict(
+        model=name,
+        params_m=cost["params"] / 1e6,
+        gmacs=cost["macs"] / 1e9,
+        infer_ips=infer.median,
+        infer_ips_min=infer.min,
+        infer_ips_max=infer.max,
+        train_ips=train.median,
+        train_ips_min=train.min,
+        train_ips_max=train.max,
+        act_mib_per_img=cost["act_bytes_per_img"] / MiB,
+        peak_train_mib=peak.median / MiB,
+        infer_gemm_pct=100 * gflop_per_img * infer.median / gemm_gflops,
+        train_gemm_pct=100 * 3 * gflop_per_img * train.median / gemm_gflops,
+        infer_display=_range(infer),
+        train_display=_range(train),
+    )
+
+
+def _range(stats: Stats) -> str:
+    if len(stats.values) == 1:
+        return f"{stats.median:.1f}"
+    return f"{stats.median:.1f} ({stats.min:.1f}–{stats.max:.1f})"
+
+
+RATIO_METRICS = ("infer_ips", "train_ips", "peak_train_mib")
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    by_model = {r["model"]: r for r in rows}
+    for ref in REFERENCES:
+        if ref not in by_model:
+            continue
+        for metric in RATIO_METRICS:
+            for r in rows:
+                r[f"{metric}_vs_{ref}"] = ratio(r[metric], by_model[ref][metric])
+
+
+def _columns(rows: list[dict[str, Any]], gemm_dtype: str) -> tuple[list[Column], list[str]]:
+    """Markdown columns and CSV keys (the CSV keeps raw numbers, no display strings)."""
+    gemm = "fp32" if gemm_dtype == "float32" else "bf16"
+    cols = [
+        Column("model", "model"),
+        Column("params_m", "params (M)", "{:.2f}"),
+        Column("gmacs", "GMACs", "{:.3g}"),
+        Column("infer_display", "inference img/s", align="right"),
+        Column("train_display", "training img/s", align="right"),
+        Column("act_mib_per_img", "saved act. (MiB/img)", "{:.1f}"),
+        Column("peak_train_mib", "peak train RSS (MiB)", "{:,.0f}"),
+        Column("infer_gemm_pct", f"inference % of {gemm} GEMM", "{:.0f}%"),
+        Column("train_gemm_pct", f"training % of {gemm} GEMM", "{:.0f}%"),
+    ]
+    short = dict(infer_ips="inference", train_ips="training", peak_train_mib="peak RSS")
+    present = [ref for ref in REFERENCES if any(r["model"] == ref for r in rows)]
+    ratio_cols = [
+        Column(f"{m}_vs_{ref}", f"{short[m]} / {ref}", "{:.2f}x")
+        for ref in present
+        for m in RATIO_METRICS
+    ]
+    csv_keys = [
+        "model",
+        "params_m",
+        "gmacs",
+        "infer_ips",
+        "infer_ips_min",
+        "infer_ips_max",
+        "train_ips",
+        "train_ips_min",
+        "train_ips_max",
+        "act_mib_per_img",
+        "peak_train_mib",
+        "infer_gemm_pct",
+        "train_gemm_pct",
+    ] + [c.key for c in ratio_cols]
+    return cols + ratio_cols, csv_keys
+
+
+def _panels(rows: list[dict[str, Any]]) -> list[Panel]:
+    names = [r["model"] for r in rows]
+
+    def speed(metric: str, title: str) -> Panel:
+        values = [r[metric] for r in rows]
+        lo = [r[f"{metric}_min"] for r in rows]
+        hi = [r[f"{metric}_max"] for r in rows]
+        return Panel(title, "images/s", names, {"": values}, {"": (lo, hi)})
+
+    return [
+        speed("infer_ips", "inference (min-max over rounds)"),
+        speed("train_ips", "training (min-max over rounds)"),
+        Panel("peak training RSS", "MiB", names, {"": [r["peak_train_mib"] for r in rows]}),
+        Panel("saved activations", "MiB/image", names, {"": [r["act_mib_per_img"] for r in rows]}),
+    ]
+
+
+def _cmd_throughput(args: argparse.Namespace) -> int:
+    threads = args.threads or torch.get_num_threads()
+    rows, raw = run_throughput_bench(
+        models=args.models,
+        img_size=args.img_size,
+        batch=args.batch,
+        train_batch=args.train_batch,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        threads=threads,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        allocator=args.allocator,
+        gemm_size=args.gemm_size,
+    )
+    gemm = raw["gemm"]
+    layout = "channels-last" if args.channels_last else "NCHW"
+    notes = [
+        f"{args.img_size}x{args.img_size}, {args.precision}"
+        + (" (torch.autocast bfloat16)" if args.precision == "bf16" else "")
+        + f", {layout}"
+        + (", torch.compile (compile time excluded)" if args.compile else ", eager"),
+        f"inference: batch {args.batch}; training (forward, backward, AdamW): batch "
+        f"{args.train_batch}; each the median of {args.repeats} calls after {args.warmup} "
+        "warm-up",
+        f"{args.rounds} round(s), models interleaved, one child process per model per round; "
+        "img/s: median over rounds (min–max)",
+        "GMACs: conv + linear (+ attention matmul) multiply-accumulates per image; saved act.: "
+        "bytes autograd keeps for backward per image, fp32, parameters excluded",
+        "peak train RSS: high-water mark of the child's RSS during training above its RSS "
+        "before the first step (weights, gradients, AdamW state and activations)",
+        f"% of GEMM: model FLOP/s (2 x MACs per inference image, 6 x MACs per training image) "
+        f"/ the {raw['gemm_dtype']} {args.gemm_size}^3 matmul rate measured "
+        f"in the same setting each round: {gemm['median']:.1f} GFLOP/s "
+        f"({gemm['min']:.1f}–{gemm['max']:.1f})",
+        f"machine: {machine_info(threads, args.allocator)}",
+    ]
+    columns, csv_keys = _columns(rows, raw["gemm_dtype"])
+    title = "Model throughput and training memory (QuadraNet paper, Table I)"
+    paths = write_report(
+        args.output, "throughput", title, notes, rows, columns, csv_keys, _panels(rows)
+    )
+    paths["json"] = Path(args.output) / "throughput_rounds.json"
+    paths["json"].write_text(json.dumps(dict(settings=vars_json(args), **raw), indent=1))
+    print(paths["md"].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def vars_json(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's settings, JSON-ready."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list))}
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_parser(bench_sub: argparse._SubParsersAction) -> None:
+    """Register `quadranet bench throughput`."""
+    p = bench_sub.add_parser(
+        "throughput",
+        help="inference/training speed and memory of models (Table I)",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--models",
+        type=_name_list,
+        default=list(DEFAULT_MODELS),
+        help="comma-separated timm/QuadraNet names, or 'reference' (unfused QuadraNet36-T)",
+    )
+    p.add_argument("--img-size", type=int, default=224, help="input side")
+    p.add_argument("--batch", type=int, default=32, help="inference batch")
+    p.add_argument("--train-batch", type=int, default=16, help="training batch")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: CPU autocast")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels-last memory format for weights and inputs",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all models")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    p.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="retained",
+        help="malloc of the child processes: retained (glibc keeping freed memory), "
+        "jemalloc (LD_PRELOAD), default (plain glibc), or mmap (every tensor its own "
+        "mapping: the peak RSS follows the live tensors, steps page-fault)",
+    )
+    p.add_argument("--gemm-size", type=int, default=GEMM_SIZE, help="side of the GEMM timed")
+    p.add_argument("--output", default="results/bench_throughput", help="folder for the outputs")
+    p.set_defaults(func=_cmd_throughput)

@@ -1,0 +1,173 @@
+"""Benchmarks: memory (Table II) and throughput (Table I) at tiny sizes, the reference model,
+and the shared runner (allocators, child processes, peak memory). No timing assertions."""
+
+import csv
+import json
+
+import pytest
+import timm
+import torch
+
+from quadranet.bench import runner
+from quadranet.bench.measure import count_params
+from quadranet.bench.reference import (
+    ElementwiseLayerNorm2d,
+    create_reference_model,
+    load_quadranet_weights,
+)
+from quadranet.cli import main
+from quadranet.models import QuadraNet
+
+TINY = ["--threads", "1", "--warmup", "0", "--repeats", "1"]
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+MEMORY_TINY = ["bench", "memory", "--dims", "16", "--depth", "2", "--batch", "2"]
+MEMORY_TINY += ["--img-size", "14", *TINY]
+
+
+@pytest.mark.slow
+def test_memory_bench_end_to_end(tmp_path, capsys):
+    assert main(MEMORY_TINY + ["--peak-batch", "2", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 16 | QuadraBlock (memory-efficient) |" in out and "/ HorBlock" in out
+    for ext in ("md", "csv", "png"):
+        assert (tmp_path / f"memory.{ext}").stat().st_size > 0
+    rows = {r["row"]: r for r in read_csv(tmp_path / "memory.csv")}
+    assert list(rows) == ["skip", "conv", "swin", "hor", "quadra", "quadra-me"]
+    for r in rows.values():
+        assert float(r["saved_mib"]) > 0 and float(r["peak_mib"]) > 0 and float(r["step_s"]) > 0
+        for metric in ("saved_mib", "peak_mib", "step_s"):
+            assert f"{metric}_vs_conv" in r and f"{metric}_vs_hor" in r
+    assert float(rows["conv"]["saved_mib_vs_conv"]) == 1.0
+    assert float(rows["hor"]["peak_mib_vs_hor"]) == 1.0
+    assert float(rows["quadra-me"]["saved_mib"]) < float(rows["quadra"]["saved_mib"])
+
+
+def test_memory_bench_saved_bytes_of_every_row(tmp_path):
+    # --peak-batch 0: saved bytes only (meta device, no child processes).
+    assert main(MEMORY_TINY + ["--peak-batch", "0", "--output", str(tmp_path)]) == 0
+    rows = {r["row"]: r for r in read_csv(tmp_path / "memory.csv")}
+    assert list(rows) == ["skip", "conv", "swin", "hor", "quadra", "quadra-me"]
+    saved = {k: float(r["saved_mib"]) for k, r in rows.items()}
+    assert saved["skip"] < saved["conv"] < saved["quadra"] and saved["quadra-me"] < saved["quadra"]
+    assert rows["skip"]["peak_mib"] == "" and (tmp_path / "memory.png").is_file()
+
+
+@pytest.mark.slow
+def test_throughput_bench_end_to_end(tmp_path, capsys):
+    args = ["bench", "throughput", "--models", "quadranet25_xxs,reference", "--img-size", "32"]
+    args += ["--batch", "2", "--train-batch", "2", "--rounds", "1", "--gemm-size", "128"]
+    assert main(args + ["--output", str(tmp_path), *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "| reference | 23.60 |" in captured.out
+    assert "round 1/1: reference" in captured.err  # progress
+    for ext in ("md", "csv", "png"):
+        assert (tmp_path / f"throughput.{ext}").stat().st_size > 0
+    rows = {r["model"]: r for r in read_csv(tmp_path / "throughput.csv")}
+    assert list(rows) == ["quadranet25_xxs", "reference"]
+    for r in rows.values():
+        for key in ("infer_ips", "train_ips", "peak_train_mib", "infer_gemm_pct"):
+            assert float(r[key]) > 0, key
+    assert float(rows["reference"]["train_ips_vs_reference"]) == 1.0
+    assert "train_ips_vs_hornet_t" not in rows["reference"]  # hornet_t was not run
+    raw = json.loads((tmp_path / "throughput_rounds.json").read_text())
+    assert raw["gemm"]["median"] > 0 and len(raw["rounds"]["reference"]) == 1
+
+
+def test_throughput_rejects_unknown_models(capsys):
+    assert main(["bench", "throughput", "--models", "quadranet36_tt"]) == 2
+    assert "did you mean" in capsys.readouterr().err
+
+
+def test_reference_has_the_parameter_count_of_quadranet36_t():
+    with torch.device("meta"):
+        reference = create_reference_model()
+        quadranet = timm.create_model("quadranet36_t")
+    assert count_params(reference) == count_params(quadranet) == 23_598_824
+    assert isinstance(reference.stem[1], ElementwiseLayerNorm2d)
+    assert isinstance(reference.stages[2].downsample[0], ElementwiseLayerNorm2d)
+    assert not timm.is_model("reference")
+
+
+def test_reference_computes_quadranet_with_the_same_weights():
+    torch.manual_seed(0)
+    kwargs = dict(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), num_classes=10)
+    quadranet = QuadraNet(**kwargs).double()
+    with torch.no_grad():
+        for p in quadranet.parameters():  # away from the init, so every branch matters
+            p.normal_(0, 0.3)
+    reference = create_reference_model(**kwargs).double()
+    load_quadranet_weights(reference, quadranet)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(reference(x), quadranet(x), rtol=1e-10, atol=1e-10)
+
+
+def test_allocator_env():
+    base = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    env = runner.allocator_env("retained", threads=3, base=base)
+    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{runner.RETAINED_TUNABLES}"
+    assert env["OMP_NUM_THREADS"] == "3" and "LD_PRELOAD" not in env
+    assert "mmap_max=0" in runner.RETAINED_TUNABLES and "trim_threshold=107374182400" in (
+        runner.RETAINED_TUNABLES
+    )
+    mmap = runner.allocator_env("mmap", base={})
+    assert mmap["GLIBC_TUNABLES"] == "glibc.malloc.mmap_threshold=131072"
+    plain = runner.allocator_env("default", base={"PATH": "/bin"})
+    assert "GLIBC_TUNABLES" not in plain and "LD_PRELOAD" not in plain
+    assert plain["PYTHONPATH"]  # the child finds this package
+    with pytest.raises(ValueError, match="unknown allocator"):
+        runner.allocator_env("tcmalloc")
+
+
+def test_jemalloc_is_preloaded(tmp_path, monkeypatch):
+    lib = tmp_path / "x86_64-linux-gnu" / "libjemalloc.so.2"
+    lib.parent.mkdir()
+    lib.touch()
+    monkeypatch.setattr(runner, "JEMALLOC_PATTERNS", (str(tmp_path / "*" / "libjemalloc.so.2"),))
+    env = runner.allocator_env("jemalloc", base={"LD_PRELOAD": "/other.so"})
+    assert env["LD_PRELOAD"] == f"{lib}:/other.so"
+
+
+def test_missing_jemalloc_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "JEMALLOC_PATTERNS", (str(tmp_path / "*" / "libjemalloc.so.2"),))
+    with pytest.raises(FileNotFoundError, match="apt-get install libjemalloc2"):
+        runner.allocator_env("jemalloc")
+    args = ["bench", "memory", "--dims", "8", "--depth", "1", "--allocator", "jemalloc"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install libjemalloc2" in err and "Traceback" not in err
+
+
+def test_child_processes():
+    with runner.ChildProcesses("default", threads=1) as children:
+        assert children.run("quadranet.bench.runner:ratio", dict(value=3, reference=2)) == 1.5
+        # A user error in a job comes back with its message; the next job still runs.
+        with pytest.raises(ValueError, match="unknown block row"):
+            children.run("quadranet.bench.memory:build_stack", dict(row="x", dim=8, depth=1))
+        with pytest.raises(RuntimeError, match="TypeError"):
+            children.run("quadranet.bench.runner:ratio", dict(nope=1))
+        pids = [children.run("os:getpid", {}) for _ in range(2)]
+    assert len(set(pids)) == 2  # every job in a new process
+
+
+def test_peak_memory_sees_a_freed_allocation():
+    with runner.track_peak_memory("cpu") as peak:
+        x = torch.ones(16 * 2**20)  # 64 MiB, touched, then freed
+        del x
+    assert peak.bytes >= 60 * 2**20
+
+
+def test_time_fn_and_tables():
+    calls = []
+    stats = runner.time_fn(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(stats.values) == 3
+    assert stats.min <= stats.median <= stats.max
+    cols = [runner.Column("name", "name"), runner.Column("x", "x", "{:.1f}")]
+    table = runner.markdown_table([dict(name="a", x=1.0), dict(name="b", x=None)], cols)
+    assert table.splitlines() == ["| name | x |", "|---|---:|", "| a | 1.0 |", "| b | – |"]
+    assert runner.ratio(2.0, 4.0) == 0.5 and runner.ratio(1.0, None) is None
