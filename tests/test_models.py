@@ -215,3 +215,11 @@ def test_option_a_block_does_not_take_is_an_error():
 def test_pretrained_is_refused_clearly():
     with pytest.raises(ValueError, match="pretrained=False"):
         timm.create_model("quadranet36_t", pretrained=True)
+
+
+def test_constructor_kwargs_override_the_variant():
+    model = timm.create_model("quadranet25_xxs", depths=(1, 1), dims=(8, 16), num_classes=3)
+    assert [len(s.blocks) for s in model.stages] == [1, 1]
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    hornet = timm.create_model("hornet_t", depths=(1, 1, 1, 1), num_classes=2)
+    assert [len(s.blocks) for s in hornet.stages] == [1, 1, 1, 1]

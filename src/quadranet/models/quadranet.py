@@ -299,9 +299,9 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> QuadraNet:
     )
 
 
-def _family(variant: str, depths: str, width: str, block: str, **kwargs: Any) -> QuadraNet:
-    c = WIDTHS[width]
-    args = dict(depths=DEPTHS[depths], dims=(c, 2 * c, 4 * c, 8 * c), block=block)
+def _family(variant: str, family: str, size: str, block: str, **kwargs: Any) -> QuadraNet:
+    c = WIDTHS[size]
+    args = dict(depths=DEPTHS[family], dims=(c, 2 * c, 4 * c, 8 * c), block=block)
     if block == "quadra":
         # Memory-efficient branches by default: 0.37x the saved activation bytes of plain
         # autograd for quadranet36_t, exact gradients, no measurable loss of speed on CPU.
@@ -309,8 +309,8 @@ def _family(variant: str, depths: str, width: str, block: str, **kwargs: Any) ->
     return _create(variant, kwargs.pop("pretrained", False), **{**args, **kwargs})
 
 
-def _hornet(variant: str, width: str, **kwargs: Any) -> QuadraNet:
-    c = HORNET_WIDTHS[width]
+def _hornet(variant: str, size: str, **kwargs: Any) -> QuadraNet:
+    c = HORNET_WIDTHS[size]
     args = dict(
         depths=HORNET_DEPTHS,
         dims=(c, 2 * c, 4 * c, 8 * c),

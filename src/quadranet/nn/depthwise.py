@@ -13,7 +13,9 @@ Backward (g = dL/dy, a = Wa * x + ba, b = Wb * x + bb):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +26,21 @@ aten = torch.ops.aten
 ConvArgs = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, padding, dilation
 
 
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype convolutions and matmuls run in: autocast's when it is on, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    kind = x.device.type
+    if kind in AUTOCAST_DEVICES and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
     return x.dtype
+
+
+def no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for x's device (explicit casts instead); a no-op elsewhere (meta)."""
+    kind = x.device.type
+    return torch.autocast(kind, enabled=False) if kind in AUTOCAST_DEVICES else nullcontext()
 
 
 def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -106,7 +118,7 @@ class _DepthwiseQuadraticFn(torch.autograd.Function):
         # Under autocast, run in its dtype explicitly so backward can use the same one.
         dtype = compute_dtype(x)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x):
             x, w, b_ = x.to(dtype), weight.to(dtype), cast(bias, dtype)
             a, b, c = branch_convs(x, w, b_, conv_args)
             out = torch.addcmul(c, a, b)

@@ -25,6 +25,7 @@ from quadranet.nn.depthwise import (
     cast,
     compute_dtype,
     depthwise_quadratic_backward,
+    no_autocast,
 )
 
 aten = torch.ops.aten
@@ -50,7 +51,7 @@ class _QuadraticMixerFn(torch.autograd.Function):
         c = x.shape[1]
         dtype = compute_dtype(x)  # the conv's dtype; LayerNorm statistics stay in x's
         conv_args = ((1, 1), _pair(padding), (1, 1))
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x):
             n, mean, rstd = aten.native_layer_norm(_nhwc(x), [c], ln_w, ln_b, eps)
             ya, yb, yc = branch_convs(
                 _nchw(n).to(dtype), conv_w.to(dtype), cast(conv_b, dtype), conv_args
@@ -126,7 +127,7 @@ class _ChannelMlpFn(torch.autograd.Function):
     def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, gamma, eps):  # noqa: D102
         c = x.shape[-1]
         dtype = compute_dtype(x)  # the matmuls' dtype; LayerNorm statistics stay in x's
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x):
             n, mean, rstd = aten.native_layer_norm(x, [c], ln_w, ln_b, eps)
             u = F.linear(n.to(dtype), w1.to(dtype), cast(b1, dtype))
             y = F.linear(F.gelu(u), w2.to(dtype), cast(b2, dtype))

@@ -1,0 +1,332 @@
+"""Training configuration: one dataclass that is the flags, the YAML keys and the defaults."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+ENGINE_GROUPS = ("model", "data", "optim", "augment", "hardware", "run")
+
+
+class ConfigError(ValueError):
+    """A configuration value, file or flag combination that cannot be used."""
+
+
+def _opt(default: Any, help: str, group: str) -> Any:
+    """A dataclass field carrying its flag help text and flag group."""
+    meta = {"help": help, "group": group}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of `quadranet train`; defaults follow the paper's ImageNet recipe."""
+
+    # model
+    model: str = _opt("quadranet36_xxs", "timm model name (any registered model)", "model")
+    model_kwargs: dict = _opt(
+        {}, "extra create_model kwargs, e.g. stem_stride=2 depths=[2,2,6,2]", "model"
+    )
+    num_classes: int | None = _opt(None, "classes of the head (default: the dataset's)", "model")
+    drop_path: float = _opt(0.1, "stochastic depth rate (paper: 0.2/0.4/0.5 for T/S/B)", "model")
+    # data
+    dataset: str = _opt("mnist", "mnist, animal-mnist, cifar10, cifar100, fake or a folder", "data")
+    data_root: str | None = _opt(None, "where datasets are stored or downloaded", "data")
+    download: bool = _opt(False, "download the dataset if it is missing", "data")
+    dataset_kwargs: dict = _opt({}, "extra dataset options (e.g. for fake data)", "data")
+    img_size: int | None = _opt(None, "input resolution (default: the dataset's)", "data")
+    max_samples: int | None = _opt(None, "use at most N images of each split", "data")
+    limit_train_batches: int | None = _opt(None, "train batches per epoch at most", "data")
+    limit_val_batches: int | None = _opt(None, "validation batches at most", "data")
+    batch_size: int = _opt(128, "batch size per process", "data")
+    workers: int = _opt(4, "data loader worker processes", "data")
+    # optimisation
+    epochs: int = _opt(300, "training epochs", "optim")
+    accum_steps: int = _opt(1, "gradient accumulation steps per optimizer step", "optim")
+    opt: str = _opt("adamw", "optimizer name for timm.optim.create_optimizer_v2", "optim")
+    lr: float | None = _opt(None, "absolute learning rate (default: base_lr scaled)", "optim")
+    base_lr: float = _opt(4e-3, "learning rate at a global batch of lr_base_size", "optim")
+    lr_base_size: int = _opt(4096, "global batch size that base_lr refers to", "optim")
+    momentum: float = _opt(0.9, "momentum (SGD-like optimizers)", "optim")
+    weight_decay: float = _opt(0.05, "weight decay (not applied to norms and biases)", "optim")
+    warmup_epochs: float = _opt(20.0, "linear warm-up length in epochs", "optim")
+    warmup_lr: float = _opt(1e-6, "learning rate at the start of warm-up", "optim")
+    min_lr: float = _opt(1e-6, "learning rate at the end of the cosine decay", "optim")
+    clip_grad: float | None = _opt(5.0, "clip the gradient norm to this (none: off)", "optim")
+    # augmentation and regularisation
+    smoothing: float = _opt(0.1, "label smoothing", "augment")
+    mixup: float = _opt(0.8, "mixup alpha (0: off)", "augment")
+    cutmix: float = _opt(1.0, "cutmix alpha (0: off)", "augment")
+    mixup_prob: float = _opt(1.0, "probability of applying mixup or cutmix to a batch", "augment")
+    mixup_switch_prob: float = _opt(0.5, "probability of cutmix instead of mixup", "augment")
+    randaugment: str | None = _opt(
+        "rand-m9-mstd0.5", "timm RandAugment spec (none: off)", "augment"
+    )
+    reprob: float = _opt(0.25, "random erasing probability", "augment")
+    hflip: float = _opt(0.5, "horizontal flip probability", "augment")
+    crop_padding: int = _opt(0, "random crop with this zero padding (0: off)", "augment")
+    ema: bool = _opt(True, "keep an exponential moving average of the weights", "augment")
+    ema_decay: float = _opt(0.9999, "EMA decay", "augment")
+    ema_warmup: bool = _opt(True, "ramp the EMA decay up over the first steps", "augment")
+    # hardware
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N", "hardware")
+    amp: str = _opt(
+        "auto", "mixed precision: auto (bf16/fp16 on CUDA), none, bf16, fp16", "hardware"
+    )
+    channels_last: bool = _opt(True, "use the channels-last memory format", "hardware")
+    compile: bool = _opt(False, "compile the model with torch.compile", "hardware")
+    deterministic: bool = _opt(False, "deterministic algorithms (reproducible, slower)", "hardware")
+    # run
+    output: str | None = _opt(None, "output folder (default: runs/<model>-<dataset>)", "run")
+    resume: str | None = _opt(None, "resume from a run folder or a .pt training state", "run")
+    seed: int = _opt(42, "random seed", "run")
+    save_every: int = _opt(1, "save the last checkpoint every N epochs", "run")
+    eval_every: int = _opt(1, "validate every N epochs (and always after the last)", "run")
+    quiet: bool = _opt(False, "no progress bar and no per-epoch lines", "run")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_types()[f.name]))
+        self.validate()
+
+    @property
+    def output_dir(self) -> Path:
+        """The run folder."""
+        return Path(self.output or f"runs/{self.model}-{Path(self.dataset).name}")
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that cannot work, whatever the data or model."""
+        problems = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                problems.append(msg)
+
+        need(self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})")
+        need(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        need(self.accum_steps >= 1, f"accum_steps must be >= 1 (got {self.accum_steps})")
+        need(self.workers >= 0, f"workers must be >= 0 (got {self.workers})")
+        need(self.lr is None or self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        need(self.base_lr > 0, f"base_lr must be > 0 (got {self.base_lr})")
+        need(self.lr_base_size >= 1, f"lr_base_size must be >= 1 (got {self.lr_base_size})")
+        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0 (got {self.warmup_epochs})")
+        need(
+            self.clip_grad is None or self.clip_grad > 0,
+            f"clip_grad must be > 0 or none (got {self.clip_grad})",
+        )
+        need(0 <= self.smoothing < 1, f"smoothing must be in [0, 1) (got {self.smoothing})")
+        for name in ("mixup", "cutmix", "drop_path", "weight_decay"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("mixup_prob", "mixup_switch_prob", "reprob", "hflip"):
+            value = getattr(self, name)
+            need(0 <= value <= 1, f"{name} is a probability in [0, 1] (got {value})")
+        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+        need(self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)} (got {self.amp})")
+        need(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+            f"device must be auto, cpu, cuda or cuda:N (got {self.device})",
+        )
+        for name in ("max_samples", "limit_train_batches", "limit_val_batches", "num_classes"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"{name} must be >= 1 or none (got {value})")
+        need(self.save_every >= 1, f"save_every must be >= 1 (got {self.save_every})")
+        need(self.eval_every >= 1, f"eval_every must be >= 1 (got {self.eval_every})")
+        need(self.crop_padding >= 0, f"crop_padding must be >= 0 (got {self.crop_padding})")
+        if problems:
+            raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-python copy (JSON/YAML serialisable)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (keys may use dashes)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes}, source="replace()")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping whose keys are flag names (dashes or underscores)."""
+        known = _field_types()
+        clean = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                close = difflib.get_close_matches(name, list(known), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(
+                    f"unknown key '{key}' in {source}{hint} (valid keys: {', '.join(known)})"
+                )
+            clean[name] = value
+        return cls(**clean)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Load a YAML file whose keys match the flags, then apply overrides."""
+        return cls.from_dict({**load_yaml(path), **overrides}, source=str(path))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; check the --config path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of flag: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Resolved type of every TrainConfig field."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """(inner type, whether None is allowed) for `T | None`."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type or raise ConfigError naming the key."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{name} cannot be empty (it needs a {inner.__name__})")
+    try:
+        if inner is bool:
+            if isinstance(value, str) and value.lower() in (
+                "true",
+                "yes",
+                "1",
+                "on",
+                "false",
+                "no",
+                "0",
+                "off",
+            ):
+                return value.lower() in ("true", "yes", "1", "on")
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if inner is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if inner is float:
+            if isinstance(value, bool):
+                raise TypeError
+            out = float(value)
+            if not math.isfinite(out):
+                raise TypeError
+            return out
+        if inner is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value) or {}
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+        if inner is str:
+            if isinstance(value, dict | list):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError, yaml.YAMLError):
+        pass
+    else:
+        return value
+    kind = inner.__name__ + (" or none" if optional else "")
+    raise ConfigError(f"{name} must be a {kind} (got {value!r})")
+
+
+class _KeyValueAction(argparse.Action):
+    """Collect `key=value` pairs (values parsed as YAML) or one YAML mapping into a dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: D102
+        out: dict[str, Any] = {}
+        for item in values:
+            if "=" not in item:
+                parsed = yaml.safe_load(item)
+                if not isinstance(parsed, dict):
+                    parser.error(f"{option_string} takes key=value pairs (got {item!r})")
+                out.update(parsed)
+                continue
+            key, raw = item.split("=", 1)
+            out[key.strip()] = yaml.safe_load(raw)
+        setattr(namespace, self.dest, out)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] = ENGINE_GROUPS):
+    """Add one flag per TrainConfig field in `groups`; unset flags stay out of the namespace."""
+    parser.add_argument(
+        "--config", metavar="YAML", default=argparse.SUPPRESS, help="YAML file of flag: value"
+    )
+    hints = _field_types()
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        group = f.metadata["group"]
+        if group not in groups:
+            continue
+        if group not in sections:
+            sections[group] = parser.add_argument_group(f"{group} options")
+        inner, optional = _unwrap_optional(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = "{}" if f.default is dataclasses.MISSING else f.default
+        help_text = f"{f.metadata['help']} (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if inner is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif inner is dict:
+            kwargs.update(nargs="+", action=_KeyValueAction, metavar="KEY=VALUE")
+        else:
+            kwargs["type"] = _cli_type(f.name, hints[f.name])
+            kwargs["metavar"] = inner.__name__.upper()
+        sections[group].add_argument(flag, **kwargs)
+
+
+def _cli_type(name: str, tp: Any):
+    """An argparse `type=` callable that applies the field's coercion."""
+
+    def convert(text: str) -> Any:
+        try:
+            return _coerce(name, text, tp)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    convert.__name__ = name
+    return convert
+
+
+def config_from_args(
+    args: argparse.Namespace, base: str | Path | dict[str, Any] | None = None
+) -> TrainConfig:
+    """Merge defaults < base preset < --config YAML < explicit flags into a TrainConfig."""
+    values: dict[str, Any] = {}
+    if isinstance(base, dict):
+        values.update(base)
+    elif base is not None:
+        values.update(load_yaml(base))
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,218 @@
+"""Checkpoints: atomic writes, pickle-free loading, RNG state, and exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quadranet.cli import main as cli_main
+from quadranet.engine import checkpoint as ckpt
+from quadranet.engine.report import read_metrics
+
+DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from timm.models import register_model
+    from torch import nn
+    from quadranet.cli import main
+
+    class SlowNet(nn.Module):
+        def __init__(self, num_classes=4, in_chans=1, drop_path_rate=0.0):
+            super().__init__()
+            self.num_classes = num_classes
+            self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
+            self.drop = nn.Dropout(0.2)
+            self.fc = nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            if self.training:
+                time.sleep(0.03)  # leaves time to kill the run between epochs
+            return self.fc(self.drop(torch.relu(self.conv(x)).mean((2, 3))))
+
+    @register_model
+    def resume_slow_net(pretrained=False, **kwargs):
+        keep = ("num_classes", "in_chans", "drop_path_rate")
+        return SlowNet(**{k: v for k, v in kwargs.items() if k in keep})
+
+    if __name__ == "__main__":
+        sys.exit(main(sys.argv[1:]))
+    """
+)
+
+# mixup/cutmix (numpy), random erasing (python), crop and dropout (torch) all draw random numbers
+RUN_ARGS = [
+    "train", "--model", "resume_slow_net", "--dataset", "fake", "--batch-size", "8",
+    "--dataset-kwargs", "num_classes=4", "img_size=8", "in_chans=1", "length=64", "val_length=16",
+    "--epochs", "4", "--warmup-epochs", "1", "--base-lr", "0.5", "--mixup", "0.8", "--cutmix", "1",
+    "--reprob", "0.5", "--crop-padding", "1", "--hflip", "0.5", "--randaugment", "none",
+    "--deterministic", "--workers", "0",
+]  # fmt: skip
+
+
+def _run(driver, output, *extra) -> subprocess.Popen:
+    """Start the training driver as a subprocess."""
+    cmd = [sys.executable, str(driver), *RUN_ARGS, "--output", str(output), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_after_first_checkpoint(proc: subprocess.Popen, state: Path, timeout: float) -> None:
+    """SIGKILL `proc` as soon as `state` exists."""
+    deadline = time.monotonic() + timeout
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture
+def restore_determinism():
+    """Undo the global deterministic-algorithms switch of an in-process deterministic run."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, restore_determinism):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    killed = _run(driver, tmp_path / "killed")
+    killer = threading.Thread(
+        target=_kill_after_first_checkpoint, args=(killed, tmp_path / "killed" / "last.pt", 120)
+    )
+    killer.start()
+    # meanwhile, the uninterrupted reference run in this process
+    spec = importlib.util.spec_from_file_location("resume_driver", driver)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # registers the model with timm
+    assert cli_main([*RUN_ARGS, "--output", str(tmp_path / "full")]) == 0
+    killer.join()
+    assert killed.returncode == -signal.SIGKILL, killed.communicate()[0]
+    assert not (tmp_path / "killed" / "report.md").exists(), "the run ended before the kill"
+    done_epochs = ckpt.load_state(tmp_path / "killed" / "last.pt")["epoch"]
+    assert 1 <= done_epochs < 4
+
+    resumed = _run(driver, tmp_path / "killed", "--resume", str(tmp_path / "killed"))
+    out = resumed.communicate(timeout=120)[0]
+    assert resumed.returncode == 0, out
+    assert f"resumed from {tmp_path / 'killed' / 'last.pt'} after epoch {done_epochs}" in out
+
+    for name in ("last.safetensors", "last_ema.safetensors"):
+        a, _ = ckpt.load_weights(tmp_path / "full" / name)
+        b, _ = ckpt.load_weights(tmp_path / "killed" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    timing = ("images_per_s", "epoch_time_s")
+    records = [
+        [
+            {k: v for k, v in r.items() if k not in timing}
+            for r in read_metrics(run / "metrics.jsonl")
+        ]
+        for run in (tmp_path / "full", tmp_path / "killed")
+    ]
+    assert len(records[1]) == 4 and records[0] == records[1]
+
+
+def _state(value: float) -> dict:
+    return {"model": {"w": torch.full((3,), value)}, "epoch": int(value), "config": {"a": [1]}}
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.save_state(path, _state(1.0))
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_state(path, _state(2.0))
+    monkeypatch.undo()
+    state = ckpt.load_state(path)
+    assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
+
+
+def test_crash_before_rename_keeps_the_previous_weights(tmp_path, monkeypatch):
+    path = tmp_path / "last.safetensors"
+    ckpt.save_weights(path, {"w": torch.ones(2)}, {"epoch": 1})
+
+    def no_replace(src, dst):
+        raise KeyboardInterrupt  # as if the process died between fsync and rename
+
+    monkeypatch.setattr(os, "replace", no_replace)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_weights(path, {"w": torch.zeros(2)}, {"epoch": 2})
+    monkeypatch.undo()
+    weights, meta = ckpt.load_weights(path)
+    assert torch.equal(weights["w"], torch.ones(2)) and meta == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
+
+
+def test_state_round_trip_and_weights_metadata(tmp_path):
+    ckpt.save_state(tmp_path / "s.pt", _state(3.0))
+    state = ckpt.load_state(tmp_path / "s.pt")
+    assert state["format_version"] == ckpt.STATE_FORMAT and state["config"] == {"a": [1]}
+    shared = torch.arange(4.0)
+    ckpt.save_weights(tmp_path / "w.safetensors", {"a": shared, "b": shared}, {"top1": 99.5})
+    weights, meta = ckpt.load_weights(tmp_path / "w.safetensors")
+    assert torch.equal(weights["b"], shared) and meta == {"top1": 99.5}
+
+
+class Payload:
+    """Pickling this object would run code on load."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_loading_never_runs_pickled_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": {}, "format_version": 1, "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ckpt.CheckpointError, match="cannot be loaded"):
+        ckpt.load_state(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_missing_truncated_and_foreign_files_are_clear_errors(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.load_state(tmp_path / "none.pt")
+    ckpt.save_state(tmp_path / "s.pt", _state(1.0))
+    data = (tmp_path / "s.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        ckpt.load_state(tmp_path / "cut.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(ckpt.CheckpointError, match="not a quadranet training state"):
+        ckpt.load_state(tmp_path / "other.pt")
+    (tmp_path / "w.safetensors").write_bytes(b"junk")
+    with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt"):
+        ckpt.load_weights(tmp_path / "w.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match=r"last.pt does not exist \(files there: cut.pt"):
+        ckpt.resolve_checkpoint(tmp_path)
+
+
+def test_rng_state_round_trips_through_a_file(tmp_path):
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    ckpt.save_state(tmp_path / "s.pt", {"model": {}, "rng": ckpt.rng_state()})
+    first = (random.random(), np.random.randn(), np.random.rand(), torch.rand(3))
+    ckpt.set_rng_state(ckpt.load_state(tmp_path / "s.pt")["rng"])
+    second = (random.random(), np.random.randn(), np.random.rand(), torch.rand(3))
+    assert first[:3] == second[:3] and torch.equal(first[3], second[3])

@@ -1,0 +1,347 @@
+"""The training engine: recipe pieces, accumulation, guards, outputs, config and CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import timm
+import torch
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import register_model
+from torch import nn
+
+from quadranet.cli import main as cli_main
+from quadranet.engine import ConfigError, NonFiniteLossError, TrainConfig, Trainer, evaluate, train
+from quadranet.engine import checkpoint as ckpt
+from quadranet.engine.config import add_config_arguments, config_from_args
+from quadranet.engine.train import (
+    _random_crop,
+    build_criterion,
+    build_optimizer,
+    build_scheduler,
+    scaled_lr,
+)
+
+FAKE = {"num_classes": 4, "img_size": 8, "in_chans": 1, "length": 64, "val_length": 32}
+
+
+class TinyNet(nn.Module):
+    """A deterministic conv net without batch norm (timm constructor conventions)."""
+
+    def __init__(self, num_classes: int = 4, in_chans: int = 1, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@register_model
+def engine_tiny_net(pretrained: bool = False, **kwargs) -> TinyNet:
+    names = ("num_classes", "in_chans", "drop_path_rate")
+    return TinyNet(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def tiny_cfg(tmp_path, **overrides) -> TrainConfig:
+    """A fast, deterministic config on fake 8x8 data."""
+    values = dict(
+        model="engine_tiny_net",
+        dataset="fake",
+        dataset_kwargs=FAKE,
+        batch_size=8,
+        epochs=2,
+        lr=1e-2,
+        warmup_epochs=0,
+        mixup=0.0,
+        cutmix=0.0,
+        smoothing=0.0,
+        randaugment=None,
+        reprob=0.0,
+        hflip=0.0,
+        drop_path=0.0,
+        ema=False,
+        workers=0,
+        quiet=True,
+        output=str(tmp_path / "run"),
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- recipe pieces -----------------------------------------------------------------------------
+
+
+def test_lr_scales_linearly_with_global_batch():
+    cfg = TrainConfig(batch_size=256, accum_steps=2, base_lr=4e-3)
+    assert scaled_lr(cfg, world_size=4) == pytest.approx(4e-3 * 256 * 2 * 4 / 4096)
+    assert scaled_lr(cfg, world_size=1) == pytest.approx(4e-3 * 512 / 4096)
+    assert scaled_lr(cfg.replace(lr=0.1), world_size=8) == 0.1
+
+
+def test_schedule_is_linear_warmup_then_cosine_to_min_lr():
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)
+    peak, steps = 1e-3, 5
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = build_scheduler(cfg, opt, steps_per_epoch=steps)
+    lrs = []
+    for step in range(51):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-6)
+    assert lrs[5] == pytest.approx(1e-6 + (peak - 1e-6) / 2)
+    assert lrs[10] == pytest.approx(peak)
+    assert lrs[30] == pytest.approx((peak + 1e-5) / 2)
+    assert lrs[50] == pytest.approx(1e-5)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert all(a > b for a, b in zip(lrs[10:50], lrs[11:51]))
+
+
+def test_loss_selection_follows_mixup_and_smoothing():
+    crit, mix = build_criterion(TrainConfig(), num_classes=10)
+    assert isinstance(crit, SoftTargetCrossEntropy) and isinstance(mix, Mixup)
+    assert mix.label_smoothing == 0.1 and mix.mixup_alpha == 0.8 and mix.cutmix_alpha == 1.0
+    crit, mix = build_criterion(TrainConfig(mixup=0, cutmix=0), num_classes=10)
+    assert isinstance(crit, LabelSmoothingCrossEntropy) and mix is None
+    crit, mix = build_criterion(TrainConfig(mixup=0, cutmix=0, smoothing=0), num_classes=10)
+    assert type(crit) is nn.CrossEntropyLoss and mix is None
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        build_criterion(TrainConfig(), num_classes=1)
+    with pytest.raises(ConfigError, match="even --batch-size"):
+        build_criterion(TrainConfig(batch_size=7), num_classes=10)
+
+
+def test_no_weight_decay_on_biases():
+    model = TinyNet()
+    opt = build_optimizer(TrainConfig(), model, lr=1e-3)
+    assert isinstance(opt, torch.optim.AdamW)
+    decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decays[id(model.fc.bias)] == 0.0 and decays[id(model.fc.weight)] == 0.05
+
+
+def test_ema_follows_its_decay(tmp_path):
+    cfg = tiny_cfg(tmp_path, ema=True, ema_decay=0.5, ema_warmup=False, limit_train_batches=1)
+    trainer = Trainer(cfg)
+    start = params(trainer.model)
+    trainer.train_one_epoch(0)  # first update copies the weights (decay 0 at step 1)
+    p1 = params(trainer.model)
+    assert not torch.equal(p1["fc.weight"], start["fc.weight"])
+    assert torch.allclose(trainer.ema.module.fc.weight, p1["fc.weight"])
+    trainer.train_one_epoch(1)
+    p2 = params(trainer.model)
+    expected = 0.5 * p1["fc.weight"] + 0.5 * p2["fc.weight"]
+    assert torch.allclose(trainer.ema.module.fc.weight, expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("clip", [1e-3, None])
+def test_gradient_clipping_bounds_the_update(tmp_path, clip):
+    cfg = tiny_cfg(
+        tmp_path, opt="sgd", momentum=0.0, weight_decay=0.0, lr=1.0, min_lr=1.0, clip_grad=clip
+    )
+    trainer = Trainer(cfg.replace(limit_train_batches=1))
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+    trainer.train_one_epoch(0)
+    after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    step = float((after - before).norm())  # = lr * ||clipped grad||
+    if clip is None:
+        assert step > 10 * 1e-3
+    else:
+        assert step == pytest.approx(clip, rel=1e-4)
+
+
+def test_accumulation_matches_a_larger_batch(tmp_path):
+    model = TinyNet()
+    cfg = tiny_cfg(tmp_path, epochs=1, clip_grad=1.0)
+    accum = Trainer(
+        cfg.replace(batch_size=8, accum_steps=2, limit_train_batches=4), copy.deepcopy(model)
+    )
+    big = Trainer(
+        cfg.replace(batch_size=16, accum_steps=1, limit_train_batches=2), copy.deepcopy(model)
+    )
+    assert accum.lr == big.lr and accum.steps_per_epoch == big.steps_per_epoch == 2
+    accum.train_one_epoch(0)
+    big.train_one_epoch(0)
+    a, b = params(accum.model), params(big.model)
+    assert not torch.equal(a["fc.weight"], params(model)["fc.weight"])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_random_crop_takes_a_window_of_the_padded_image():
+    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.uint8).view(2, 1, 5, 5)
+    torch.manual_seed(0)
+    out = _random_crop(x, padding=2)
+    torch.manual_seed(0)
+    oy, ox = torch.randint(0, 5, (2,)), torch.randint(0, 5, (2,))
+    padded = nn.functional.pad(x, (2,) * 4)
+    for i in range(2):
+        assert torch.equal(out[i], padded[i, :, oy[i] : oy[i] + 5, ox[i] : ox[i] + 5])
+
+
+# --- a whole run: outputs, eval, guards --------------------------------------------------------
+
+
+def test_train_writes_checkpoints_metrics_plot_and_report(tmp_path):
+    cfg = tiny_cfg(tmp_path, ema=True, epochs=3, lr=0.05)
+    result = train(cfg)
+    run = tmp_path / "run"
+    names = {p.name for p in run.iterdir()}
+    assert {"last.pt", "last.safetensors", "best.safetensors", "best_ema.safetensors"} <= names
+    assert {"metrics.jsonl", "curves.png", "report.md", "config.yaml"} <= names
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1, 2]
+    assert {"train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_top1_ema"} <= set(
+        lines[0]
+    )
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (run / "report.md").read_text()
+    assert "engine_tiny_net" in text and "best top-1" in text and "peak memory" in text
+    assert result.best_top1 == max(max(r["val_top1"], r["val_top1_ema"]) for r in lines)
+    state = ckpt.load_state(run / "last.pt")
+    assert state["epoch"] == 3 and state["config"]["model"] == "engine_tiny_net"
+    # eval of the saved weights reproduces the last validation
+    metrics = evaluate(checkpoint=run / "last.safetensors")
+    assert metrics["top1"] == pytest.approx(lines[-1]["val_top1"])
+    assert metrics["count"] == FAKE["val_length"]
+
+
+def test_eval_cli_prints_top1_and_top5(tmp_path, capsys):
+    train(tiny_cfg(tmp_path, ema=True, epochs=1))
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and "top-5" in out and "best.safetensors" in out
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--ema"]) == 0
+    assert "top-1" in capsys.readouterr().out
+
+
+class NaNAfter(TinyNet):
+    """Returns NaN from the `after`-th training forward on."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after, self.calls = after, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.after:
+                return out * float("nan")
+        return out
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = tiny_cfg(tmp_path, epochs=3, limit_train_batches=2)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2.*last good"):
+        train(cfg, model=NaNAfter(after=2))
+    state = ckpt.load_state(tmp_path / "run" / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    weights, _ = ckpt.load_weights(tmp_path / "run" / "last.safetensors")
+    assert torch.equal(weights["fc.weight"], state["model"]["fc.weight"])
+
+
+def test_huge_lr_exits_non_zero_with_a_message(tmp_path, capsys):
+    argv = ["train", "--model", "engine_tiny_net", "--dataset", "fake", "--epochs", "2"]
+    argv += ["--dataset-kwargs", json.dumps(FAKE), "--batch-size", "8", "--opt", "sgd"]
+    argv += ["--lr", "1e30", "--clip-grad", "none", "--warmup-epochs", "0", "--mixup", "0"]
+    argv += ["--cutmix", "0", "--no-ema", "--randaugment", "none", "--quiet"]
+    argv += ["--output", str(tmp_path / "run")]
+    assert cli_main(argv) == 3
+    err = capsys.readouterr().err
+    assert "loss became" in err and "Lower --lr" in err
+
+
+def test_bf16_autocast_on_cpu_trains_and_fp16_on_cpu_is_refused(tmp_path):
+    result = train(tiny_cfg(tmp_path, amp="bf16", epochs=1, device="cpu"))
+    assert result.summary["amp"] == "bfloat16" and math.isfinite(result.history[0]["train_loss"])
+    with pytest.raises(ConfigError, match="--amp fp16 needs a CUDA device"):
+        Trainer(tiny_cfg(tmp_path, amp="fp16", device="cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available; use --device cpu"):
+            Trainer(tiny_cfg(tmp_path, device="cuda"))
+
+
+# --- bad inputs --------------------------------------------------------------------------------
+
+
+def test_num_classes_mismatch_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="--num-classes 7 differs from the 4 classes"):
+        Trainer(tiny_cfg(tmp_path, num_classes=7))
+
+
+def test_missing_and_corrupt_checkpoints_are_errors(tmp_path, capsys):
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        Trainer(tiny_cfg(tmp_path, resume=str(tmp_path / "nowhere.pt")))
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        Trainer(tiny_cfg(tmp_path, resume=str(bad)))
+    broken = tmp_path / "w.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    assert cli_main(["eval", "--checkpoint", str(broken)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_too_few_images_for_one_step_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="lower --batch-size"):
+        Trainer(tiny_cfg(tmp_path, batch_size=16, accum_steps=8))
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def test_yaml_keys_match_flags_and_flags_override_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump({"batch-size": 32, "lr": "4e-3", "mixup": 0, "model_kwargs": {"a": 1}})
+    )
+    parser = __import__("argparse").ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--config", str(path), "--batch-size", "64", "--no-ema"])
+    cfg = config_from_args(args)
+    assert cfg.batch_size == 64 and cfg.lr == 4e-3 and cfg.mixup == 0.0 and cfg.ema is False
+    assert cfg.model_kwargs == {"a": 1} and cfg.epochs == 300  # untouched default
+    args = parser.parse_args(["--model-kwargs", "stem_stride=2", "depths=[1,2]", "--lr", "none"])
+    cfg = config_from_args(args)
+    assert cfg.model_kwargs == {"stem_stride": 2, "depths": [1, 2]} and cfg.lr is None
+
+
+def test_unknown_or_bad_yaml_values_name_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_sise: 32\n")
+    with pytest.raises(ConfigError, match="unknown key 'batch_sise'.*did you mean 'batch_size'"):
+        TrainConfig.from_yaml(path)
+    path.write_text("epochs: many\n")
+    with pytest.raises(ConfigError, match="epochs must be a int"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="amp must be one of"):
+        TrainConfig(amp="fp8")
+
+
+def test_demo_preset_loads_and_builds_a_registered_model():
+    from importlib import resources
+
+    preset = resources.files("quadranet.configs") / "demo_mnist.yaml"
+    cfg = TrainConfig.from_yaml(str(preset))
+    assert cfg.dataset == "mnist" and cfg.mixup == 0 and cfg.randaugment is None
+    assert timm.is_model(cfg.model)
+    model = timm.create_model(cfg.model, num_classes=10, in_chans=1, **cfg.model_kwargs)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert math.isfinite(cfg.lr or cfg.base_lr)
