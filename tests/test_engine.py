@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -310,7 +311,7 @@ def test_yaml_keys_match_flags_and_flags_override_yaml(tmp_path):
     path.write_text(
         yaml.safe_dump({"batch-size": 32, "lr": "4e-3", "mixup": 0, "model_kwargs": {"a": 1}})
     )
-    parser = __import__("argparse").ArgumentParser()
+    parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     args = parser.parse_args(["--config", str(path), "--batch-size", "64", "--no-ema"])
     cfg = config_from_args(args)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
+
+from quadranet.commands import add_command_modules
 
 # Each entry names a module that defines `add_parser(subparsers)`; the parser it adds
 # sets `func` (a callable taking the parsed namespace and returning an exit code).
@@ -22,14 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="quadranet", description="QuadraNet: quadratic-neuron vision backbones."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            continue
-        module.add_parser(sub)
+    add_command_modules(sub, COMMAND_MODULES)
     return parser
 
 

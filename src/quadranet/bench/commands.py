@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from quadranet.commands import add_command_modules
 
 # Each module defines `add_parser(subparsers)` for one benchmark.
 BENCHMARK_MODULES = ("quadranet.bench.memory", "quadranet.bench.throughput")
@@ -13,11 +14,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `bench` and its benchmarks."""
     parser = sub.add_parser("bench", help="benchmarks: memory (Table II), throughput (Table I)")
     bench_sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    for name in BENCHMARK_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            continue
-        module.add_parser(bench_sub)
+    add_command_modules(bench_sub, BENCHMARK_MODULES)

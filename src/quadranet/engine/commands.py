@@ -12,7 +12,12 @@ from pathlib import Path
 from quadranet.data import DataError
 from quadranet.engine import distributed as D
 from quadranet.engine.checkpoint import CheckpointError
-from quadranet.engine.config import ConfigError, add_config_arguments, config_from_args
+from quadranet.engine.config import (
+    EVAL_GROUPS,
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+)
 from quadranet.engine.report import PLOT_NAME, REPORT_NAME
 from quadranet.engine.train import (
     NonFiniteLossError,
@@ -24,7 +29,6 @@ from quadranet.engine.train import (
 )
 
 DEMO_PRESET = "demo_mnist.yaml"
-EVAL_GROUPS = ("model", "data", "hardware")
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
 EXIT_FAILED = 1
@@ -100,9 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     """`quadranet eval`: prints top-1 and top-5."""
     path = resolve_eval_checkpoint(args.checkpoint, args.ema)
-    saved = checkpoint_config(path)
-    saved.update(resume=None, output=None)
-    cfg = config_from_args(args, base=saved)
+    cfg = config_from_args(args, base=checkpoint_config(path))
     metrics = evaluate(cfg, checkpoint=path, use_ema=args.ema)
     if D.is_main_process():
         print(_metrics_line(metrics, path))

@@ -17,6 +17,7 @@ import yaml
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 ENGINE_GROUPS = ("model", "data", "optim", "augment", "hardware", "run")
+EVAL_GROUPS = ("model", "data", "hardware")
 
 
 class ConfigError(ValueError):
@@ -124,6 +125,11 @@ class TrainConfig:
         need(self.lr_base_size >= 1, f"lr_base_size must be >= 1 (got {self.lr_base_size})")
         need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0 (got {self.warmup_epochs})")
         need(
+            self.warmup_epochs == 0 or self.warmup_epochs < self.epochs,
+            f"warmup_epochs ({self.warmup_epochs:g}) must be shorter than epochs ({self.epochs}); "
+            "lower --warmup-epochs (the default 20 is for 300-epoch runs)",
+        )
+        need(
             self.clip_grad is None or self.clip_grad > 0,
             f"clip_grad must be > 0 or none (got {self.clip_grad})",
         )
@@ -176,6 +182,11 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Load a YAML file whose keys match the flags, then apply overrides."""
         return cls.from_dict({**load_yaml(path), **overrides}, source=str(path))
+
+
+def group_keys(groups: tuple[str, ...]) -> set[str]:
+    """Names of the TrainConfig fields in the given flag groups."""
+    return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] in groups}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

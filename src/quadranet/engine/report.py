@@ -98,10 +98,13 @@ def count_macs(model: torch.nn.Module, img_size: int, in_chans: int) -> int | No
     try:
         from quadranet.models import count_macs as counter
     except ImportError:
-        return None
+        try:
+            from quadranet.bench.measure import count_macs as counter
+        except ImportError:
+            return None
     try:
         return int(counter(model, img_size, in_chans))
-    except Exception:
+    except Exception:  # a model the counter cannot trace: leave MACs out of the report
         return None
 
 
@@ -114,12 +117,13 @@ def write_report(path: str | Path, summary: dict[str, Any]) -> Path:
     """Write a short markdown report of a finished run."""
     s = summary
     macs = s.get("macs")
+    kwargs = ", ".join(f"{k}={v}" for k, v in (s.get("model_kwargs") or {}).items())
     lines = [
         f"# Training report: {s['model']} on {s['dataset']}",
         "",
         "| item | value |",
         "|---|---|",
-        f"| model | `{s['model']}` {s.get('model_kwargs') or ''} |",
+        f"| model | `{s['model']}`" + (f" ({kwargs})" if kwargs else "") + " |",
         f"| parameters | {s['params']:,} |",
         f"| MACs / image | {'n/a' if macs is None else f'{macs / 1e6:.2f} M'} |",
         f"| input | {s['in_chans']}x{s['img_size']}x{s['img_size']}, {s['num_classes']} classes |",

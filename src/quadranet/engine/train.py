@@ -36,7 +36,7 @@ from quadranet.data import dataset_info as get_dataset_info
 from quadranet.engine import checkpoint as ckpt
 from quadranet.engine import distributed as D
 from quadranet.engine import report
-from quadranet.engine.config import ConfigError, TrainConfig
+from quadranet.engine.config import EVAL_GROUPS, ConfigError, TrainConfig, group_keys
 
 EpochCallback = Callable[["Trainer", dict[str, Any]], bool | None]
 
@@ -684,7 +684,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise ckpt.CheckpointError(
-                f"{path} does not fit this model/optimizer ({str(err).splitlines()[0]}); "
+                f"{path} does not fit this model/optimizer ({_first_lines(err)}); "
                 "resume with the same model and --opt, or start without --resume"
             ) from err
         self.scheduler.load_state_dict(state["scheduler"])
@@ -820,9 +820,9 @@ def evaluate(
     weights = None
     if checkpoint is not None:
         path = resolve_eval_checkpoint(checkpoint, use_ema)
-        weights, saved_cfg = load_eval_weights(path, use_ema)
+        weights, _ = load_eval_weights(path, use_ema)
         if cfg is None:
-            cfg = TrainConfig.from_dict(saved_cfg or {}, source=str(path))
+            cfg = TrainConfig.from_dict(checkpoint_config(path), source=str(path))
     if cfg is None:
         raise ConfigError("evaluate() needs a config or a checkpoint that stores one")
     dist_info = D.init_distributed(cfg.device)
@@ -841,8 +841,8 @@ def evaluate(
             model.load_state_dict(weights)
         except RuntimeError as err:
             raise ckpt.CheckpointError(
-                f"the checkpoint does not fit {cfg.model} ({str(err).splitlines()[0]}); "
-                "pass the --model and --model-kwargs it was trained with"
+                f"the checkpoint does not fit {cfg.model} ({_first_lines(err)}); "
+                "pass the --model, --model-kwargs and --dataset it was trained with"
             ) from err
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(dist_info.device, memory_format=memory_format)
@@ -857,6 +857,11 @@ def evaluate(
         amp_dtype=resolve_amp(cfg.amp, dist_info.device),
         limit=cfg.limit_val_batches,
     )
+
+
+def _first_lines(err: Exception, n: int = 2) -> str:
+    """The first lines of an error message, joined."""
+    return " ".join(line.strip() for line in str(err).splitlines()[:n])
 
 
 def _classifier_outputs(model: nn.Module, weights: dict[str, torch.Tensor]) -> int | None:
@@ -901,6 +906,7 @@ def load_eval_weights(path: Path, use_ema: bool = False) -> tuple[dict[str, Any]
 
 
 def checkpoint_config(path: str | Path) -> dict[str, Any]:
-    """The TrainConfig dict stored in a checkpoint (empty when none)."""
+    """The model, data and hardware settings stored in a checkpoint (empty when none)."""
     _, cfg = load_eval_weights(resolve_eval_checkpoint(path))
-    return dict(cfg or {})
+    keep = group_keys(EVAL_GROUPS) - {"max_samples", "limit_train_batches", "limit_val_batches"}
+    return {k: v for k, v in (cfg or {}).items() if k in keep}
