@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from quadranet.bench import measure
 from quadranet.engine.checkpoint import atomic_write
 
 METRICS_NAME = "metrics.jsonl"
@@ -94,16 +95,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def count_macs(model: torch.nn.Module, img_size: int, in_chans: int) -> int | None:
-    """MACs of one image through the model, when quadranet's counter can do it."""
+    """MACs of one image through the model (None for a model the counter cannot trace)."""
     try:
-        from quadranet.models import count_macs as counter
-    except ImportError:
-        try:
-            from quadranet.bench.measure import count_macs as counter
-        except ImportError:
-            return None
-    try:
-        return int(counter(model, img_size, in_chans))
+        return int(measure.count_macs(model, img_size, in_chans))
     except Exception:  # a model the counter cannot trace: leave MACs out of the report
         return None
 
