@@ -9,7 +9,7 @@ import timm
 import torch
 
 from quadranet.bench import runner
-from quadranet.bench.measure import count_params
+from quadranet.bench.measure import GemmShape, count_params, gemm_seconds, record_gemms
 from quadranet.bench.reference import (
     ElementwiseLayerNorm2d,
     create_reference_model,
@@ -73,10 +73,33 @@ def test_throughput_bench_end_to_end(tmp_path, capsys):
     for r in rows.values():
         for key in ("infer_ips", "train_ips", "peak_train_mib", "infer_gemm_pct"):
             assert float(r[key]) > 0, key
+        for key in ("infer_matmul_pct", "train_matmul_pct"):
+            assert float(r[key]) > 0, key
     assert float(rows["reference"]["train_ips_vs_reference"]) == 1.0
     assert "train_ips_vs_hornet_t" not in rows["reference"]  # hornet_t was not run
     raw = json.loads((tmp_path / "throughput_rounds.json").read_text())
     assert raw["gemm"]["median"] > 0 and len(raw["rounds"]["reference"]) == 1
+
+
+def test_record_gemms_finds_every_dense_product_and_skips_depthwise():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 4, stride=4),  # im2col: (2*4*4 pixels, 3*16) @ (48, 8)
+            torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise: not a GEMM
+            torch.nn.Flatten(),
+            torch.nn.Linear(128, 10),
+        )
+        x = torch.zeros(2, 3, 16, 16)
+    with torch.no_grad():
+        forward = record_gemms(lambda: model(x))
+    assert forward == {GemmShape(1, 32, 48, 8): 1, GemmShape(1, 2, 128, 10): 1}
+
+    training = record_gemms(lambda: model(x.requires_grad_()).sum().backward())
+    flops = sum(shape.flops * count for shape, count in training.items())
+    # forward, input gradient and weight gradient of both layers: 3x the forward FLOPs
+    assert flops == 3 * sum(shape.flops * count for shape, count in forward.items())
+    assert GemmShape(1, 8, 32, 48) in training  # the conv's weight gradient
+    assert gemm_seconds(sorted(forward.items())) > 0
 
 
 def test_throughput_rejects_unknown_models(capsys):

@@ -14,6 +14,9 @@ COMMAND_MODULES = (
     "quadranet.commands.models",
     "quadranet.engine.commands",
     "quadranet.bench.commands",
+    "quadranet.commands.nas",
+    "quadranet.commands.adapt",
+    "quadranet.commands.export",
 )
 
 

@@ -6,15 +6,26 @@
 - Saved bytes: what autograd keeps for backward, via
   `torch.autograd.graph.saved_tensors_hooks`, each storage counted once; parameters
   are not activations and are left out.
+- GEMM shapes: every dense matrix product a forward (and backward) runs, recorded below
+  autograd by a dispatch mode (mm, addmm, bmm, baddbmm, and convolutions that are not
+  depthwise as their im2col products), so the machine's matmul rate can be measured at
+  exactly the shapes a model uses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+aten = torch.ops.aten
 
 
 def count_params(model: nn.Module) -> int:
@@ -75,3 +86,90 @@ def activation_bytes_per_image(
     finally:
         model.train(was_training)
     return total / batch
+
+
+class GemmShape(NamedTuple):
+    """A (batched) product of an (m, k) and a (k, n) matrix, `batch` times."""
+
+    batch: int
+    m: int
+    k: int
+    n: int
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.batch * self.m * self.k * self.n
+
+
+def _conv_gemms(
+    w_shape: torch.Size, out_shape: torch.Size, groups: int, mask: list[bool]
+) -> list[GemmShape]:
+    """im2col products of a convolution: forward, input gradient, weight gradient (per mask)."""
+    cin_g, taps = w_shape[1], math.prod(w_shape[2:])
+    cout_g = w_shape[0] // groups
+    if cin_g == 1:
+        return []  # depthwise: per-channel, not a matrix product
+    pixels_out = out_shape[0] * math.prod(out_shape[2:])
+    products = (
+        GemmShape(groups, pixels_out, cin_g * taps, cout_g),  # forward
+        GemmShape(groups, pixels_out, cout_g, cin_g * taps),  # input gradient (then col2im)
+        GemmShape(groups, cout_g, pixels_out, cin_g * taps),  # weight gradient
+    )
+    return [p for p, wanted in zip(products, mask) if wanted]
+
+
+class _GemmRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: Counter[GemmShape] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        out = func(*args, **(kwargs or {}))
+        packet = func.overloadpacket
+        if packet in (aten.mm, aten.addmm):
+            a, b = args[-2], args[-1]
+            self.shapes[GemmShape(1, a.shape[0], a.shape[1], b.shape[1])] += 1
+        elif packet in (aten.bmm, aten.baddbmm):
+            a, b = args[-2], args[-1]
+            self.shapes[GemmShape(a.shape[0], a.shape[1], a.shape[2], b.shape[2])] += 1
+        elif packet == aten.convolution and not args[6]:  # not transposed
+            for g in _conv_gemms(args[1].shape, out.shape, args[8], [True]):
+                self.shapes[g] += 1
+        elif packet == aten.convolution_backward and not args[7]:
+            grad_out, w, groups, mask = args[0], args[2], args[9], args[10]
+            for g in _conv_gemms(w.shape, grad_out.shape, groups, [False, *mask[:2]]):
+                self.shapes[g] += 1
+        return out
+
+
+def record_gemms(fn: Callable[[], object]) -> Counter[GemmShape]:
+    """The dense matrix products `fn()` runs, with their counts (works on the meta device)."""
+    with _GemmRecorder() as recorder:
+        fn()
+    return recorder.shapes
+
+
+def gemm_seconds(
+    shapes: Iterable[tuple[tuple[int, int, int, int], int]],
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 3,
+) -> float:
+    """Seconds this process needs for the given (shape, count) matrix products alone.
+
+    Each shape is timed `repeats` times after one warm-up call; the best time counts.
+    """
+    total = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for shape, count in shapes:
+        shape = GemmShape(*shape)
+        a = torch.randn(shape.batch, shape.m, shape.k, generator=gen).to(dtype)
+        b = torch.randn(shape.batch, shape.k, shape.n, generator=gen).to(dtype)
+        out = torch.empty(shape.batch, shape.m, shape.n, dtype=dtype)
+        torch.bmm(a, b, out=out)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.bmm(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+        total += best * count
+    return total

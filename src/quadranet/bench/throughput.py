@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quadranet.bench.measure import activation_bytes_per_image, count_macs, count_params
+from quadranet.bench.measure import (
+    activation_bytes_per_image,
+    count_macs,
+    count_params,
+    gemm_seconds,
+    record_gemms,
+)
 from quadranet.bench.reference import REFERENCE_NAME, create_reference_model
 from quadranet.bench.runner import (
     ALLOCATORS,
@@ -64,16 +70,31 @@ def build_model(name: str) -> nn.Module:
     return create_model(name, pretrained=False)
 
 
-def model_costs(name: str, img_size: int) -> dict[str, Any]:
-    """Params, MACs and fp32 saved-activation bytes per image, counted on the meta device."""
+def model_costs(name: str, img_size: int, batch: int = 32, train_batch: int = 16) -> dict[str, Any]:
+    """Params, MACs, fp32 saved-activation bytes per image and the matrix products of an
+    inference batch and a training step, all counted on the meta device."""
     with torch.device("meta"):
         model = build_model(name)
+        x_infer = torch.zeros(batch, 3, img_size, img_size)
+        x_train = torch.zeros(train_batch, 3, img_size, img_size)
+        target = torch.zeros(train_batch, dtype=torch.long)
     try:
         macs = count_macs(model, img_size)
         act = activation_bytes_per_image(model, img_size)
+        model.eval()
+        with torch.no_grad():
+            infer_gemms = record_gemms(lambda: model(x_infer))
+        model.train()
+        train_gemms = record_gemms(lambda: F.cross_entropy(model(x_train), target).backward())
     except Exception as err:
         raise ValueError(f"{name} failed at {img_size}x{img_size} (on meta): {err}") from err
-    return dict(params=count_params(model), macs=macs, act_bytes_per_img=act)
+    return dict(
+        params=count_params(model),
+        macs=macs,
+        act_bytes_per_img=act,
+        infer_gemms=sorted(infer_gemms.items()),
+        train_gemms=sorted(train_gemms.items()),
+    )
 
 
 def measure_model(
@@ -86,8 +107,11 @@ def measure_model(
     compile: bool = False,
     warmup: int = 2,
     repeats: int = 5,
+    infer_gemms: Sequence[tuple[tuple[int, int, int, int], int]] = (),
+    train_gemms: Sequence[tuple[tuple[int, int, int, int], int]] = (),
 ) -> dict[str, Any]:
-    """Training then inference speed of one model, and the peak RSS of training (a child job).
+    """Training then inference speed of one model, the peak RSS of training, and the time
+    its matrix products alone take in this process (a child job).
 
     Training runs first so that its peak is measured before inference has used any memory.
     """
@@ -105,7 +129,7 @@ def measure_model(
         return torch.randn(n, 3, img_size, img_size).contiguous(memory_format=memory_format)
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     x_train = images(train_batch)
     num_classes = getattr(model, "num_classes", 0) or 1000
     target = torch.randint(0, num_classes, (train_batch,))
@@ -129,9 +153,14 @@ def measure_model(
             run(x_infer)
 
     infer = time_fn(infer_step, warmup, repeats)
+    gemm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return dict(
+        infer_gemm_s=gemm_seconds(infer_gemms, gemm_dtype),
+        train_gemm_s=gemm_seconds(train_gemms, gemm_dtype),
         infer_ips=batch / infer.median,
         train_ips=train_batch / train.median,
+        batch=batch,
+        train_batch=train_batch,
         infer_s=infer.as_dict(),
         train_s=train.as_dict(),
         peak_train_bytes=peak.bytes,
@@ -177,7 +206,8 @@ def run_throughput_bench(
     raw: dict[str, list[dict[str, Any]]] = {item: [] for item in items}
     with ChildProcesses(allocator, threads, preload=[__name__]) as children:
         children.start()  # the server imports torch while the costs are counted
-        costs = {name: model_costs(name, img_size) for name in models}  # unknown names fail here
+        # unknown names fail here
+        costs = {name: model_costs(name, img_size, batch, train_batch) for name in models}
         start = time.perf_counter()
         for r in range(rounds):
             shift = r % len(items)
@@ -189,7 +219,9 @@ def run_throughput_bench(
                 if item == GEMM:
                     target, kwargs = GEMM_TARGET, dict(size=gemm_size, dtype=gemm_dtype)
                 else:
-                    target, kwargs = f"{__name__}:measure_model", dict(name=item, **job)
+                    gemms = {k: costs[item][k] for k in ("infer_gemms", "train_gemms")}
+                    target = f"{__name__}:measure_model"
+                    kwargs = dict(name=item, **job, **gemms)
                 raw[item].append(children.run(target, kwargs))
     gemm = Stats.of([g["gflops"] for g in raw[GEMM]])
     rows = [_row(name, costs[name], raw[name], gemm.median) for name in models]
@@ -203,6 +235,9 @@ def _row(
     infer = Stats.of([r["infer_ips"] for r in results])
     train = Stats.of([r["train_ips"] for r in results])
     peak = Stats.of([r["peak_train_bytes"] for r in results])
+    # share of the time the model's own matrix products alone would take (same process)
+    infer_mm = Stats.of([r["infer_gemm_s"] * r["infer_ips"] / r["batch"] for r in results])
+    train_mm = Stats.of([r["train_gemm_s"] * r["train_ips"] / r["train_batch"] for r in results])
     gflop_per_img = 2 * cost["macs"] / 1e9
     return dict(
         model=name,
@@ -218,6 +253,8 @@ def _row(
         peak_train_mib=peak.median / MiB,
         infer_gemm_pct=100 * gflop_per_img * infer.median / gemm_gflops,
         train_gemm_pct=100 * 3 * gflop_per_img * train.median / gemm_gflops,
+        infer_matmul_pct=100 * infer_mm.median,
+        train_matmul_pct=100 * train_mm.median,
         infer_display=_range(infer),
         train_display=_range(train),
     )
@@ -255,6 +292,8 @@ def _columns(rows: list[dict[str, Any]], gemm_dtype: str) -> tuple[list[Column],
         Column("peak_train_mib", "peak train RSS (MiB)", "{:,.0f}"),
         Column("infer_gemm_pct", f"inference % of {gemm} GEMM", "{:.0f}%"),
         Column("train_gemm_pct", f"training % of {gemm} GEMM", "{:.0f}%"),
+        Column("infer_matmul_pct", "inference % of own-shape matmul", "{:.0f}%"),
+        Column("train_matmul_pct", "training % of own-shape matmul", "{:.0f}%"),
     ]
     short = dict(infer_ips="inference", train_ips="training", peak_train_mib="peak RSS")
     present = [ref for ref in REFERENCES if any(r["model"] == ref for r in rows)]
@@ -277,6 +316,8 @@ def _columns(rows: list[dict[str, Any]], gemm_dtype: str) -> tuple[list[Column],
         "peak_train_mib",
         "infer_gemm_pct",
         "train_gemm_pct",
+        "infer_matmul_pct",
+        "train_matmul_pct",
     ] + [c.key for c in ratio_cols]
     return cols + ratio_cols, csv_keys
 
@@ -322,7 +363,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         + (" (torch.autocast bfloat16)" if args.precision == "bf16" else "")
         + f", {layout}"
         + (", torch.compile (compile time excluded)" if args.compile else ", eager"),
-        f"inference: batch {args.batch}; training (forward, backward, AdamW): batch "
+        f"inference: batch {args.batch}; training (forward, backward, fused AdamW): batch "
         f"{args.train_batch}; each the median of {args.repeats} calls after {args.warmup} "
         "warm-up",
         f"{args.rounds} round(s), models interleaved, one child process per model per round; "
@@ -335,6 +376,11 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         f"/ the {raw['gemm_dtype']} {args.gemm_size}^3 matmul rate measured "
         f"in the same setting each round: {gemm['median']:.1f} GFLOP/s "
         f"({gemm['min']:.1f}–{gemm['max']:.1f})",
+        "% of own-shape matmul: the time the model's own dense matrix products (linear, "
+        "non-depthwise conv as im2col, attention; forward, and for training also both "
+        "gradients) take alone at their exact shapes, timed in the same child right after the "
+        "model, as a share of the model's time: the fraction of the machine's matmul rate, "
+        "at the shapes this model needs, that the model reaches (median over rounds)",
         f"machine: {machine_info(threads, args.allocator)}",
     ]
     columns, csv_keys = _columns(rows, raw["gemm_dtype"])
