@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Train any timm/QuadraNet model with the paper's recipe (scaled by batch).",
     )
     add_config_arguments(p)
-    p.set_defaults(func=_guard(run_train, "train"))
+    p.set_defaults(func=guard(run_train, "train"))
 
     p = subparsers.add_parser(
         "eval",
@@ -54,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder, .safetensors or .pt file")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     add_config_arguments(p, EVAL_GROUPS)
-    p.set_defaults(func=_guard(run_eval, "eval"))
+    p.set_defaults(func=guard(run_eval, "eval"))
 
     p = subparsers.add_parser(
         "demo",
@@ -62,10 +62,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=f"Run the {DEMO_PRESET} preset; any train flag overrides it.",
     )
     add_config_arguments(p)
-    p.set_defaults(func=_guard(run_demo, "demo"))
+    p.set_defaults(func=guard(run_demo, "demo"))
 
 
-def _guard(
+def guard(
     func: Callable[[argparse.Namespace], int], name: str
 ) -> Callable[[argparse.Namespace], int]:
     """Turn known errors into a one-line message and an exit code; leave the process group."""
@@ -95,9 +95,14 @@ def _error(name: str, err: Exception) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """`quadranet train`."""
-    result = train(config_from_args(args))
+    cfg = config_from_args(args)
+    result = train(cfg)
     if D.is_main_process():
         print(f"report: {result.output_dir / REPORT_NAME}")
+        if cfg.arch is not None:  # a searched network: its latency against the search target
+            from quadranet.nas.latency import arch_latency_report
+
+            print(arch_latency_report(cfg.arch))
     return 0
 
 

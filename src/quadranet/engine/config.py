@@ -41,6 +41,9 @@ class TrainConfig:
     model_kwargs: dict = _opt(
         {}, "extra create_model kwargs, e.g. stem_stride=2 depths=[2,2,6,2]", "model"
     )
+    arch: str | None = _opt(
+        None, "architecture JSON from `quadranet search` (builds quadranet_nas)", "model"
+    )
     num_classes: int | None = _opt(None, "classes of the head (default: the dataset's)", "model")
     drop_path: float = _opt(0.1, "stochastic depth rate (paper: 0.2/0.4/0.5 for T/S/B)", "model")
     # data
@@ -101,6 +104,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_types()[f.name]))
+        if self.arch is not None and self.model != "quadranet_nas":
+            if self.model != TrainConfig.__dataclass_fields__["model"].default:
+                raise ConfigError(f"--arch builds quadranet_nas; drop --model {self.model}")
+            self.model = "quadranet_nas"
         self.validate()
 
     @property

@@ -125,6 +125,8 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown model '{cfg.model}'{hint} (`quadranet models` lists ours)")
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, **cfg.model_kwargs)
+    if cfg.arch is not None:
+        kwargs["arch"] = cfg.arch
     if cfg.drop_path > 0:
         kwargs["drop_path_rate"] = cfg.drop_path
     try:
@@ -418,7 +420,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = torch.compile(self.train_model, dynamic=False)
 
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
@@ -847,7 +849,7 @@ def evaluate(
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(dist_info.device, memory_format=memory_format)
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=False)
     loader, _ = build_loader(cfg, info, "val", dist_info)
     return validate(
         model,
