@@ -91,10 +91,10 @@ def test_converted_model_computes_the_same_function(family, channel):
     )
     assert not any(isinstance(m, QuadraticConv2d) for m in model.modules())  # a copy
     with torch.no_grad():
-        torch.testing.assert_close(quad(x), model(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(quad(x), model(x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(quad.forward_features(x), model.forward_features(x))
     # The training path (custom autograd op of the quadratic conv) computes the same.
-    torch.testing.assert_close(quad.train()(x), model.train()(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(quad.train()(x), model.train()(x), rtol=1e-4, atol=1e-5)
 
 
 def test_conversion_sets_c_to_trained_weights_a_to_zero_b_random():

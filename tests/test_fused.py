@@ -25,6 +25,21 @@ def test_quadratic_mixer_gradcheck(use_gamma, k):
     assert gradcheck(lambda *a: quadratic_mixer(*a, 1e-6, k // 2), tuple(args))
 
 
+@pytest.mark.parametrize("frozen", ["conv_weight", "conv_bias", "gamma"])
+def test_quadratic_mixer_gradcheck_with_frozen_or_missing_parts(frozen):
+    # layer-scale gradient without conv bias, and with conv weight or bias frozen
+    torch.manual_seed(2)
+    c = 4
+    x, ln_w, ln_b = rand(2, c, 5, 5), rand(c), rand(c)
+    w, b, gamma = rand(3 * c, 1, 3, 3), rand(3 * c), rand(c)
+    if frozen == "conv_bias":
+        b = None
+    else:
+        {"conv_weight": w, "gamma": gamma}[frozen].requires_grad_(False)
+    fn = lambda x, ln_w, ln_b, w, gamma: quadratic_mixer(x, ln_w, ln_b, w, b, gamma, 1e-6, 1)  # noqa: E731
+    assert gradcheck(fn, (x, ln_w, ln_b, w, gamma))
+
+
 @pytest.mark.parametrize("use_gamma", [True, False])
 def test_channel_mlp_gradcheck(use_gamma):
     torch.manual_seed(1)

@@ -11,11 +11,12 @@ and the blocks differ only in the spatial mixer.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
-from quadranet.nn import LayerNorm2d, QuadraticConv2d
+from quadranet.nn import LayerNorm2d, QuadraticConv2d, quadratic_conv2d
 from quadranet.nn.fused import channel_mlp, quadratic_mixer
 
 LN_EPS = 1e-6
@@ -67,8 +68,14 @@ class ChannelMlp(nn.Module):
                 self.gamma,
                 self.norm.eps,
             )
-        y = self.fc2(self.act(self.fc1(self.norm(x))))
-        return y * self.gamma if self.gamma is not None else y
+        h = self.act(self.fc1(self.norm(x)))
+        if self.gamma is None:
+            return self.fc2(h)
+        if torch.is_grad_enabled():
+            return self.fc2(h) * self.gamma
+        # inference: the layer scale folded into fc2 (no pass over the output)
+        bias = None if self.fc2.bias is None else self.fc2.bias * self.gamma
+        return F.linear(h, self.fc2.weight * self.gamma.unsqueeze(1), bias)
 
 
 def _layer_scale(dim: int, init: float | None) -> nn.Parameter | None:
@@ -142,6 +149,15 @@ class QuadraBlock(MixerBlock):
         self.memory_efficient = memory_efficient
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and self.gamma1 is not None:
+            # inference: gamma * (a * b + c) = (gamma a) * b + gamma c, folded into the weights
+            m = self.mixer
+            scale = torch.stack((self.gamma1, torch.ones_like(self.gamma1), self.gamma1), 1)
+            scale = scale.view(-1)
+            bias = None if m.bias is None else m.bias * scale
+            weight = m.weight * scale.view(-1, 1, 1, 1)
+            n = self.norm1(x)
+            return quadratic_conv2d(n, weight, bias, m.stride, m.padding, m.dilation, m.groups)
         if not (self.memory_efficient and torch.is_grad_enabled()):
             return super().spatial(x)
         return quadratic_mixer(

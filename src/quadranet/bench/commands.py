@@ -7,7 +7,11 @@ import argparse
 from quadranet.commands import add_command_modules
 
 # Each module defines `add_parser(subparsers)` for one benchmark.
-BENCHMARK_MODULES = ("quadranet.bench.memory", "quadranet.bench.throughput")
+BENCHMARK_MODULES = (
+    "quadranet.bench.memory",
+    "quadranet.bench.throughput",
+    "quadranet.bench.latency",
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

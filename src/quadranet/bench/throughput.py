@@ -120,7 +120,7 @@ def measure_model(
     model = build_model(name)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    run = torch.compile(model) if compile else model
+    run = torch.compile(model, dynamic=False) if compile else model
 
     def autocast() -> torch.autocast:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")

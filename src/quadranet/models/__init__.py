@@ -15,6 +15,7 @@ from quadranet.models.quadranet import (
     QuadraNet,
     QuadraStage,
 )
+from quadranet.models.quadranet_nas import QuadraNetNAS  # noqa: F401  (registers quadranet_nas)
 
 __all__ = [
     "FIRST_ORDER_MODELS",

@@ -9,6 +9,10 @@ weight gradient runs as one fused call over the 3C-channel output gradient.
 Backward (g = dL/dy, a = Wa * x + ba, b = Wb * x + bb):
     dL/dx = convT(Wa, g * b) + convT(Wb, g * a) + convT(Wc, g)
     dL/d[Wa, Wb, Wc] = corr(x, [g * b, g * a, g])   (one fused weight-gradient call)
+
+Float32 channels-last CPU tensors with stride 1 and 'same' padding run the C++ kernels of
+`quadranet.nn.ext` instead (one pass for y = a * b + c, one for all gradients); any other
+input, or `QUADRANET_CPU_KERNELS=0`, keeps the oneDNN path above.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
+
+from quadranet.nn import ext
 
 aten = torch.ops.aten
 ConvArgs = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, padding, dilation
@@ -48,6 +54,20 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
+def _kernel_ops(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_args: ConvArgs
+) -> object | None:
+    """The CPU kernel ops when they apply to this call (see the module docstring), else None."""
+    stride, padding, dilation = conv_args
+    k = weight.shape[-1]
+    same = k % 2 == 1 and weight.shape[-2] == k and padding == (k // 2, k // 2)
+    if x.dim() != 4 or not same or stride != (1, 1) or dilation != (1, 1):
+        return None
+    if not (ext.usable(x, weight, bias) and x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    return ext.kernels()
+
+
 def branch_convs(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -56,6 +76,13 @@ def branch_convs(
     branches: Sequence[int] = (0, 1, 2),
 ) -> list[torch.Tensor]:
     """The depthwise convolutions of the requested branches (0 = a, 1 = b, 2 = c)."""
+    ops = _kernel_ops(x, weight, bias, conv_args)
+    if ops is not None:
+        wanted = sorted(set(branches))
+        outs = ops.quadratic_forward(
+            x, weight.contiguous(), bias, False, *(i in wanted for i in range(3))
+        )
+        return [outs[wanted.index(i)] for i in branches]
     c = x.shape[1]
     w = weight.view(c, 3, *weight.shape[1:])
     bs = bias.view(c, 3) if bias is not None else None
@@ -63,6 +90,17 @@ def branch_convs(
         F.conv2d(x, w[:, i], None if bs is None else bs[:, i], *conv_args, groups=c)
         for i in branches
     ]
+
+
+def quadratic_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_args: ConvArgs
+) -> torch.Tensor:
+    """y = a * b + c of the depthwise branches (one kernel pass where the kernels apply)."""
+    ops = _kernel_ops(x, weight, bias, conv_args)
+    if ops is not None:
+        return ops.quadratic_forward(x, weight.contiguous(), bias, True, False, False, False)[0]
+    a, b, c = branch_convs(x, weight, bias, conv_args)
+    return torch.addcmul(c, a, b)
 
 
 def _interleave(ga: torch.Tensor, gb: torch.Tensor, gc: torch.Tensor) -> torch.Tensor:
@@ -84,6 +122,11 @@ def depthwise_quadratic_backward(
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (x, fused weight, fused bias) of a * b + c, given a, b and dL/dy."""
+    ops = _kernel_ops(x, weight, bias, conv_args)
+    if ops is not None and ext.usable(a, b, grad):
+        want = (needs[0], needs[1], needs[2] and bias is not None)
+        outs = iter(ops.quadratic_backward(x, weight.contiguous(), a, b, grad, *want))
+        return tuple(next(outs) if w else None for w in want)
     c = x.shape[1]
     stride, padding, dilation = conv_args
     ga, gb = grad * b, grad * a
@@ -120,8 +163,14 @@ class _DepthwiseQuadraticFn(torch.autograd.Function):
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         with no_autocast(x):
             x, w, b_ = x.to(dtype), weight.to(dtype), cast(bias, dtype)
-            a, b, c = branch_convs(x, w, b_, conv_args)
-            out = torch.addcmul(c, a, b)
+            ops = _kernel_ops(x, w, b_, conv_args)
+            if ops is not None:
+                keep = save_branches
+                out, *ab = ops.quadratic_forward(x, w.contiguous(), b_, True, keep, keep, False)
+                a, b = ab if keep else (None, None)
+            else:
+                a, b, c = branch_convs(x, w, b_, conv_args)
+                out = torch.addcmul(c, a, b)
         ctx.conv_args = conv_args
         ctx.save_branches = save_branches
         ctx.save_for_backward(x, weight, bias, *((a, b) if save_branches else ()))
@@ -150,6 +199,5 @@ def depthwise_quadratic_conv2d(
     """Depthwise quadratic conv; `weight` is the fused (3C, 1, kh, kw) tensor."""
     conv_args = (_pair(stride), _pair(padding), _pair(dilation))
     if not torch.is_grad_enabled():
-        a, b, c = branch_convs(x, weight, bias, conv_args)
-        return torch.addcmul(c, a, b)
+        return quadratic_product(x, weight, bias, conv_args)
     return _DepthwiseQuadraticFn.apply(x, weight, bias, conv_args, not memory_efficient)

@@ -25,8 +25,10 @@ from quadranet.nn.depthwise import (
     cast,
     compute_dtype,
     depthwise_quadratic_backward,
+    depthwise_quadratic_conv2d,
     no_autocast,
 )
+from quadranet.nn.ext import gelu_kernel
 
 aten = torch.ops.aten
 
@@ -53,11 +55,14 @@ class _QuadraticMixerFn(torch.autograd.Function):
         conv_args = ((1, 1), _pair(padding), (1, 1))
         with no_autocast(x):
             n, mean, rstd = aten.native_layer_norm(_nhwc(x), [c], ln_w, ln_b, eps)
-            ya, yb, yc = branch_convs(
-                _nchw(n).to(dtype), conv_w.to(dtype), cast(conv_b, dtype), conv_args
+            w, b = conv_w, conv_b
+            if gamma is not None:  # gamma * (a * b + c) = (gamma a) * b + gamma c
+                scale = torch.stack((gamma, torch.ones_like(gamma), gamma), 1).view(-1)
+                w, b = w * scale.view(-1, 1, 1, 1), None if b is None else b * scale
+            # grad mode is off inside forward: the plain (or C++ kernel) forward runs
+            out = depthwise_quadratic_conv2d(
+                _nchw(n).to(dtype), w.to(dtype), cast(b, dtype), padding=conv_args[1]
             )
-            q = torch.addcmul(yc, ya, yb)
-            out = q * gamma.to(dtype).view(1, -1, 1, 1) if gamma is not None else q
         ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma)
         ctx.args = (eps, conv_args, dtype)
         return out
@@ -73,20 +78,32 @@ class _QuadraticMixerFn(torch.autograd.Function):
         n = _nchw(F.layer_norm(x_nhwc, (c,), ln_w, ln_b, eps)).to(dtype)
         w, b = conv_w.to(dtype), cast(conv_b, dtype)
         grad = grad.to(dtype)
-        grad_gamma = None
-        if gamma is not None and need[5]:
-            ya, yb, yc = branch_convs(n, w, b, conv_args)
-            q = torch.addcmul(yc, ya, yb)
-            grad_gamma = (grad * q).sum((0, 2, 3), dtype=_acc(dtype)).to(gamma.dtype)
-            del yc, q
-        else:
-            ya, yb = branch_convs(n, w, b, conv_args, (0, 1))
-        if gamma is not None:
-            grad = grad * gamma.to(dtype).view(1, -1, 1, 1)
+        ya, yb = branch_convs(n, w, b, conv_args, (0, 1))
+        # Gradients of the unscaled q = a * b + c first; layer scale is per channel, so
+        # dgamma = sum(g * q) = sum(g * b * a) + sum(g * c) = <Wa, dWa> + ba dba + <Wc, dWc>
+        # + bc dbc per channel (a and c are affine in their weights, dWa = corr(n, g * b)):
+        # no recomputed c, no extra pass over g.
+        need_gamma = gamma is not None and need[5]
+        needs = (True, need[3] or need_gamma, (need[4] or need_gamma) and b is not None)
         grad_n, grad_cw, grad_cb = depthwise_quadratic_backward(
-            n, w, b, ya, yb, grad, conv_args, (True, need[3], need[4])
+            n, w, b, ya, yb, grad, conv_args, needs
         )
         del ya, yb, n
+        grad_gamma = None
+        if gamma is not None:
+            scale = gamma.to(dtype)
+            if need_gamma:
+                # branches a and c (index 0 and 2 of each channel's triple) make up q
+                acc = _acc(dtype)
+                dot = (w.to(acc) * grad_cw.to(acc)).view(c, 3, -1).sum(-1)
+                if b is not None:
+                    dot = dot + (b.to(acc) * grad_cb.to(acc)).view(c, 3)
+                grad_gamma = (dot[:, 0] + dot[:, 2]).to(gamma.dtype)
+            grad_n = grad_n * scale.view(1, -1, 1, 1)
+            grad_cw = (
+                None if grad_cw is None else grad_cw * scale.repeat_interleave(3).view(-1, 1, 1, 1)
+            )
+            grad_cb = None if grad_cb is None else grad_cb * scale.repeat_interleave(3)
         grad_x, grad_lw, grad_lb = aten.native_layer_norm_backward(
             _nhwc(grad_n).to(x.dtype),
             x_nhwc,
@@ -98,8 +115,8 @@ class _QuadraticMixerFn(torch.autograd.Function):
             [need[0], ln_w is not None, ln_b is not None],
         )
         grad_x = None if grad_x is None else _nchw(grad_x)
-        grad_cw = cast(grad_cw, conv_w.dtype)
-        grad_cb = None if grad_cb is None else grad_cb.to(conv_b.dtype)
+        grad_cw = cast(grad_cw, conv_w.dtype) if need[3] else None
+        grad_cb = cast(grad_cb, conv_b.dtype) if need[4] else None
         return grad_x, grad_lw, grad_lb, grad_cw, grad_cb, grad_gamma, None, None
 
 
@@ -130,8 +147,10 @@ class _ChannelMlpFn(torch.autograd.Function):
         with no_autocast(x):
             n, mean, rstd = aten.native_layer_norm(x, [c], ln_w, ln_b, eps)
             u = F.linear(n.to(dtype), w1.to(dtype), cast(b1, dtype))
-            y = F.linear(F.gelu(u), w2.to(dtype), cast(b2, dtype))
-            out = y * gamma.to(dtype) if gamma is not None else y
+            w2s, b2s = w2, b2
+            if gamma is not None:  # layer scale folded into fc2: no pass over the output
+                w2s, b2s = w2 * gamma.unsqueeze(1), None if b2 is None else b2 * gamma
+            out = F.linear(F.gelu(u), w2s.to(dtype), cast(b2s, dtype))
         ctx.save_for_backward(x, mean, rstd, u, ln_w, ln_b, w1, w2, b2, gamma)
         ctx.eps = eps
         return out
@@ -143,21 +162,28 @@ class _ChannelMlpFn(torch.autograd.Function):
         c, hidden, dtype = x.shape[-1], u.shape[-1], u.dtype
         need = ctx.needs_input_grad
         g = grad.reshape(-1, c).to(dtype)
-        w2c = w2.to(dtype)
-        z = F.gelu(u).reshape(-1, hidden)
-        m = (g.t() @ z).to(_acc(dtype))  # G^T Z, shape (C, hidden)
-        g_sum = g.sum(0, dtype=_acc(dtype))
-        grad_gamma = None
-        if gamma is not None:
-            if need[7]:
-                grad_gamma = (m * w2).sum(1) + (b2 * g_sum if b2 is not None else 0)
-            grad_w2 = m * gamma.unsqueeze(1)
-            grad_b2 = g_sum * gamma
-            g = g * gamma.to(dtype)
+        # dL/dZ = (G gamma) W2 = G (gamma W2): the layer scale folded into the small weight
+        w2s = (w2 * gamma.unsqueeze(1) if gamma is not None else w2).to(dtype)
+        u2 = u.reshape(-1, hidden)
+        ops = gelu_kernel(u2)
+        if ops is not None:  # one erf pass: Z = GELU(U), and dL/dU = dL/dZ * GELU'(U) in place
+            grad_u = g @ w2s
+            z = ops.gelu_and_grad(u2, grad_u)
         else:
-            grad_w2, grad_b2 = m, g_sum
-        del m, z
-        grad_u = aten.gelu_backward(g @ w2c, u.reshape(-1, hidden))
+            grad_u, z = None, F.gelu(u2)
+        m = (g.t() @ z).to(_acc(dtype))  # G^T Z, shape (C, hidden)
+        del z
+        g_sum = g.sum(0, dtype=_acc(dtype))
+        if gamma is not None:
+            grad_gamma = (
+                (m * w2).sum(1) + (b2 * g_sum if b2 is not None else 0) if need[7] else None
+            )
+            grad_w2, grad_b2 = m * gamma.unsqueeze(1), g_sum * gamma
+        else:
+            grad_gamma, grad_w2, grad_b2 = None, m, g_sum
+        del m
+        if grad_u is None:
+            grad_u = aten.gelu_backward(g @ w2s, u2)
         n = F.layer_norm(x, (c,), ln_w, ln_b, ctx.eps).reshape(-1, c).to(dtype)
         grad_w1 = grad_u.t() @ n
         grad_b1 = grad_u.sum(0, dtype=_acc(dtype))

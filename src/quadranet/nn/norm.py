@@ -11,7 +11,10 @@ def layer_norm_2d(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-6
 ) -> torch.Tensor:
     """LayerNorm over dim 1 of an NCHW tensor (free permutes when x is channels-last)."""
-    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps)
+    # the weight's shape where there is one: a constant even when the model is traced
+    # (the TorchScript ONNX exporter cannot pass a traced size to layer_norm)
+    shape = weight.shape if weight is not None else (x.shape[1],)
+    y = F.layer_norm(x.permute(0, 2, 3, 1), shape, weight, bias, eps)
     return y.permute(0, 3, 1, 2)
 
 

@@ -1,0 +1,265 @@
+"""C++ CPU kernels: parity with the PyTorch path, dispatch rules and the fallback.
+
+Float64 `gradcheck` of the quadratic ops stays on the PyTorch path (the kernels are float32
+only; see tests/test_quadratic.py and tests/test_fused.py); here the kernels are compared
+with that path in float32.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quadranet.blocks import QuadraBlock
+from quadranet.models.quadranet import QuadraNet
+from quadranet.nn import depthwise, ext
+from quadranet.nn.depthwise import branch_convs, depthwise_quadratic_conv2d
+from quadranet.nn.fused import channel_mlp
+
+CL = torch.channels_last
+
+
+@pytest.fixture(scope="module")
+def ops():
+    module = ext.load()
+    if module is None:
+        pytest.skip("the C++ CPU kernels could not be built here (see the warning)")
+    return module
+
+
+class Spy:
+    """Counts the calls that reach the compiled ops."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, []
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append(name)
+            return getattr(self.ops, name)(*args)
+
+        return call
+
+
+@pytest.fixture
+def spy(ops, monkeypatch):
+    spy = Spy(ops)
+    monkeypatch.setattr(ext, "_module", spy)
+    return spy
+
+
+def close(actual, expected, rtol=1e-4):
+    """fp32 agreement relative to the tensor's scale (sums run in a different order)."""
+    scale = expected.abs().max().item() + 1e-12
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def quad_inputs(n, c, h, w, k, seed=0, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=CL)
+    weight = torch.randn(3 * c, 1, k, k, generator=gen) / k
+    b = torch.randn(3 * c, generator=gen) if bias else None
+    grad = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=CL)
+    return x, weight, b, grad
+
+
+def quad_step(x, weight, bias, grad, memory_efficient):
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    k = weight.shape[-1]
+    y = depthwise_quadratic_conv2d(*leaves, 1, k // 2, 1, memory_efficient)
+    y.backward(grad)
+    return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+
+SHAPES = [  # n, c, h, w, k
+    (1, 1, 1, 1, 3),
+    (3, 3, 5, 7, 5),
+    (1, 8, 9, 6, 7),
+    (3, 13, 7, 7, 3),
+    (1, 13, 11, 10, 7),
+    (3, 64, 6, 5, 7),
+    (1, 20, 3, 2, 9),
+]
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_quadratic_conv_matches_pytorch(spy, shape, memory_efficient):
+    x, weight, bias, grad = quad_inputs(*shape, bias=shape[1] != 8)
+    with ext.cpu_kernels(False):
+        expected = quad_step(x, weight, bias, grad, memory_efficient)
+    assert not spy.calls
+    with ext.cpu_kernels(True):
+        actual = quad_step(x, weight, bias, grad, memory_efficient)
+    assert "quadratic_forward" in spy.calls and "quadratic_backward" in spy.calls
+    assert actual[0].is_contiguous(memory_format=CL)
+    for a, e in zip(actual, expected, strict=True):
+        close(a, e)
+
+
+@pytest.mark.parametrize("batch", [1, 3])  # batch 1 also splits channels among threads
+def test_two_threads_sum_partials_deterministically(ops, batch):
+    x, weight, bias, grad = quad_inputs(batch, 24, 20, 9, 7, seed=1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ext.cpu_kernels(True):
+            first, second = (quad_step(x, weight, bias, grad, False) for _ in range(2))
+        with ext.cpu_kernels(False):
+            expected = quad_step(x, weight, bias, grad, False)
+    finally:
+        torch.set_num_threads(previous)
+    for a, b, e in zip(first, second, expected, strict=True):
+        assert torch.equal(a, b)
+        close(a, e)
+
+
+def test_empty_batch(ops):
+    x, weight, bias, grad = quad_inputs(0, 5, 4, 4, 3)
+    y, a, b = ops.quadratic_forward(x, weight, bias, True, True, True, False)
+    assert y.shape == a.shape == x.shape
+    dx, dw, db = ops.quadratic_backward(x, weight, a, b, grad, True, True, True)
+    assert dx.shape == x.shape and not dw.any() and not db.any()
+
+
+def test_branch_convs_and_inference_forward(ops):
+    x, weight, bias, _ = quad_inputs(2, 11, 8, 9, 5, seed=2)
+    args = ((1, 1), (2, 2), (1, 1))
+    for branches in [(0, 1, 2), (0, 1), (2,), (1, 0)]:
+        with ext.cpu_kernels(False):
+            expected = branch_convs(x, weight, bias, args, branches)
+        actual = branch_convs(x, weight, bias, args, branches)
+        assert len(actual) == len(branches)
+        for a, e in zip(actual, expected, strict=True):
+            close(a, e, rtol=1e-5)
+    with torch.no_grad():
+        with ext.cpu_kernels(False):
+            expected = depthwise_quadratic_conv2d(x, weight, bias, padding=2)
+        close(depthwise_quadratic_conv2d(x, weight, bias, padding=2), expected, rtol=1e-5)
+
+
+def test_dispatch_only_where_the_kernels_apply(ops):
+    x, weight, bias, _ = quad_inputs(1, 4, 6, 6, 3)
+    same = ((1, 1), (1, 1), (1, 1))
+    assert depthwise._kernel_ops(x, weight, bias, same) is not None
+    nchw = x.contiguous()
+    assert depthwise._kernel_ops(nchw, weight, bias, same) is None
+    assert depthwise._kernel_ops(x.double(), weight.double(), None, same) is None
+    assert depthwise._kernel_ops(x, weight, bias, ((2, 2), (1, 1), (1, 1))) is None
+    assert depthwise._kernel_ops(x, weight, bias, ((1, 1), (0, 0), (1, 1))) is None
+    assert depthwise._kernel_ops(x, weight, bias, ((1, 1), (1, 1), (2, 2))) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert depthwise._kernel_ops(x, weight, bias, same) is None
+    with ext.cpu_kernels(False):
+        assert depthwise._kernel_ops(x, weight, bias, same) is None
+
+
+def test_gelu_and_grad_matches_float64(ops):
+    gen = torch.Generator().manual_seed(3)
+    u = torch.cat([torch.randn(1003, generator=gen) * 4, torch.linspace(-12, 12, 997)])
+    u = torch.cat([u, torch.tensor([0.0, -0.0, 1e-30, 30.0, -30.0, 100.0, -100.0])])
+    grad = torch.randn(u.shape, generator=gen)
+    grad_u = grad.clone()
+    z = ops.gelu_and_grad(u, grad_u)
+    u64 = u.double()
+    z64 = F.gelu(u64)
+    d64 = torch.ops.aten.gelu_backward(grad.double(), u64)
+    # erf to 1.5e-7 absolute (as ATen's vectorised GELU), so errors scale with |u|
+    torch.testing.assert_close(z.double(), z64, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(grad_u.double(), d64, rtol=1e-5, atol=2e-6)
+    empty = torch.empty(0)
+    assert ops.gelu_and_grad(empty, empty.clone()).numel() == 0
+
+
+@pytest.mark.parametrize("use_gamma", [True, False])
+def test_channel_mlp_gelu_kernel_matches(spy, use_gamma):
+    gen = torch.Generator().manual_seed(4)
+    c, hidden = 6, 24
+    shapes = [(2, 5, 3, c), (c,), (c,), (hidden, c), (hidden,), (c, hidden), (c,), (c,)]
+    args = [torch.randn(s, generator=gen) for s in shapes]
+    if not use_gamma:
+        args[-1] = None
+    grad = torch.randn(2, 5, 3, c, generator=gen)
+
+    def step():
+        leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
+        channel_mlp(*leaves).backward(grad)
+        return [t.grad for t in leaves if t is not None]
+
+    with ext.cpu_kernels(False):
+        expected = step()
+    assert not spy.calls
+    for a, e in zip(step(), expected, strict=True):
+        close(a, e)
+    assert spy.calls == ["gelu_and_grad"]
+
+
+def grads_after_step(model, x, memory_efficient, enabled):
+    for m in model.modules():
+        if hasattr(m, "memory_efficient"):
+            m.memory_efficient = memory_efficient
+    model.zero_grad()
+    with ext.cpu_kernels(enabled):
+        out = model(x)
+        out.backward(torch.cos(out))
+    return [out.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_block_and_model_training_steps_match(spy, memory_efficient):
+    torch.manual_seed(5)
+    block = QuadraBlock(12, kernel_size=7, layer_scale_init=0.5)
+    x = torch.randn(2, 12, 9, 9).contiguous(memory_format=CL)
+    model = QuadraNet(num_classes=5, depths=(1, 1), dims=(8, 16), stem_stride=2)
+    model = model.to(memory_format=CL)
+    image = torch.randn(2, 3, 16, 16).contiguous(memory_format=CL)
+    for net, inp in [(block, x), (model, image)]:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        expected = grads_after_step(net, inp, memory_efficient, False)
+        assert not spy.calls
+        actual = grads_after_step(net, inp, memory_efficient, True)
+        assert "quadratic_backward" in spy.calls
+        assert ("gelu_and_grad" in spy.calls) == memory_efficient
+        spy.calls.clear()
+        for a, e in zip(actual, expected, strict=True):
+            close(a, e, rtol=2e-4)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(ext.ENV_VAR, "0")
+    assert ext.load() is None and ext.kernels() is None
+    x, weight, bias, grad = quad_inputs(1, 5, 6, 6, 3)
+    with ext.cpu_kernels(False):
+        expected = quad_step(x, weight, bias, grad, False)
+    for a, e in zip(quad_step(x, weight, bias, grad, False), expected, strict=True):
+        assert torch.equal(a, e)
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    def broken_build():
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(ext, "_build", broken_build)
+    monkeypatch.setattr(ext, "_loaded", False)
+    monkeypatch.setattr(ext, "_module", None)
+    monkeypatch.delenv(ext.ENV_VAR, raising=False)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*QUADRANET_CPU_KERNELS=0"):
+        assert ext.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ext.load() is None  # one warning per process
+        x, weight, bias, grad = quad_inputs(1, 5, 6, 6, 3)
+        quad_step(x, weight, bias, grad, True)  # the PyTorch path still runs
+    monkeypatch.setenv(ext.ENV_VAR, "1")
+    with pytest.raises(RuntimeError, match="QUADRANET_CPU_KERNELS=1"):
+        ext.load()
+
+
+def test_build_key_depends_on_source_and_torch(monkeypatch):
+    key = ext.build_key()
+    assert key == ext.build_key()
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert ext.build_key() != key
