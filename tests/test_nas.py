@@ -243,29 +243,31 @@ def test_latency_loss_forms():
 # --- the search loop ---------------------------------------------------------------------------
 
 
+def plain_config(output, **overrides) -> dict:
+    """Engine settings for tiny fake-data runs: no augmentation, EMA or warm-up."""
+    cfg = dict(
+        dataset="fake",
+        dataset_kwargs=FAKE,
+        warmup_epochs=0,
+        mixup=0,
+        cutmix=0,
+        randaugment=None,
+        reprob=0,
+        hflip=0,
+        ema=False,
+        device="cpu",
+        workers=0,
+        quiet=True,
+        channels_last=False,
+        output=str(output),
+    )
+    return {**cfg, **overrides}
+
+
 def _search_alphas(tmp_path, options: SearchOptions, steps: int = 12) -> tuple[list, float, float]:
     """Run `steps` architecture steps; (alphas, E[lat] before, E[lat] after)."""
-    cfg = TrainConfig.from_dict(
-        dict(
-            dataset="fake",
-            dataset_kwargs=FAKE,
-            epochs=1,
-            batch_size=16,
-            warmup_epochs=0,
-            mixup=0,
-            cutmix=0,
-            randaugment=None,
-            reprob=0,
-            hflip=0,
-            ema=False,
-            device="cpu",
-            output=str(tmp_path / f"run{options.target_ms}{options.loss}"),
-            quiet=True,
-            channels_last=False,
-            workers=0,
-            seed=3,
-        )
-    )
+    output = tmp_path / f"run{options.target_ms}{options.loss}"
+    cfg = TrainConfig.from_dict(plain_config(output, epochs=1, batch_size=16, seed=3))
     trainer = SearchTrainer(cfg, synthetic_table(), options)
     start = float(trainer.expected_latency().detach())
     for _ in range(steps):
@@ -468,24 +470,7 @@ def test_supernet_search_under_two_gloo_ranks(tmp_path):
     synthetic_table().save(tmp_path / "t.json")
     out = tmp_path / "ddp"
     out.mkdir()
-    cfg = dict(
-        dataset="fake",
-        dataset_kwargs=FAKE,
-        epochs=2,
-        batch_size=8,
-        warmup_epochs=0,
-        mixup=0,
-        cutmix=0,
-        randaugment=None,
-        reprob=0,
-        hflip=0,
-        ema=False,
-        device="cpu",
-        workers=0,
-        quiet=True,
-        output=str(out),
-        channels_last=False,
-    )
+    cfg = plain_config(out, epochs=2, batch_size=8)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
