@@ -28,6 +28,8 @@ from quadranet.bench.runner import (
     Panel,
     Stats,
     allocator_env,
+    choice_list,
+    int_list,
     machine_info,
     progress,
     ratio,
@@ -309,21 +311,6 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,32, got {text!r}") from None
-
-
-def _backends(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in BACKENDS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown backend {bad}; choose from {BACKENDS}")
-    return names
-
-
 def add_parser(bench_sub: argparse._SubParsersAction) -> None:
     """Register `quadranet bench latency`."""
     p = bench_sub.add_parser(
@@ -334,13 +321,13 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("models", nargs="*", help=f"model names (default: {' '.join(DEFAULT_MODELS)})")
     p.add_argument(
         "--backend",
-        type=_backends,
+        type=choice_list(BACKENDS, "backend"),
         action="append",
         default=None,
         help=f"one or more of {', '.join(BACKENDS)} (repeat or comma-separate; default all)",
     )
     p.add_argument(
-        "--batch", type=_ints, action="append", default=None, help="batch sizes (default 1,32)"
+        "--batch", type=int_list, action="append", default=None, help="batch sizes (default 1,32)"
     )
     p.add_argument("--img-size", type=int, default=224, help="input side (default 224)")
     p.add_argument(

@@ -33,6 +33,8 @@ from quadranet.bench.runner import (
     Panel,
     allocator_env,
     available_memory,
+    choice_list,
+    int_list,
     machine_info,
     progress,
     ratio,
@@ -314,23 +316,6 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
-def _row_list(text: str) -> list[str]:
-    rows = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    return rows
-
-
 def add_parser(bench_sub: argparse._SubParsersAction) -> None:
     """Register `quadranet bench memory`."""
     p = bench_sub.add_parser(
@@ -339,7 +324,7 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--dims", type=_int_list, default=list(DEFAULT_DIMS), help="widths, e.g. 64,128")
+    p.add_argument("--dims", type=int_list, default=list(DEFAULT_DIMS), help="widths, e.g. 64,128")
     p.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="blocks per stack")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="batch of the saved bytes")
     p.add_argument("--img-size", type=int, default=DEFAULT_IMG_SIZE, help="map side")
@@ -350,7 +335,10 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
         help="batch of the measured step (0: saved bytes only); the default fits 24 GiB",
     )
     p.add_argument(
-        "--rows", type=_row_list, default=list(ROWS), help=f"blocks, from {','.join(ROWS)}"
+        "--rows",
+        type=choice_list(ROWS, "rows"),
+        default=list(ROWS),
+        help=f"blocks, from {','.join(ROWS)}",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] for the measured step")
     p.add_argument(

@@ -9,6 +9,7 @@ Counting (params, MACs, saved bytes) is not done here: it is `quadranet.bench.me
 
 from __future__ import annotations
 
+import argparse
 import csv
 import glob
 import importlib
@@ -386,6 +387,32 @@ def matmul_gflops(
         dtype=dtype,
         threads=torch.get_num_threads(),
     )
+
+
+# --- command-line values ---------------------------------------------------------------
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers, e.g. `1,32`."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,32, got {text!r}") from None
+
+
+def choice_list(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """argparse type: comma-separated names, each one of `choices`."""
+
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {unknown}; choose from {', '.join(choices)}"
+            )
+        return names
+
+    return parse
 
 
 # --- reporting ---------------------------------------------------------------------------
