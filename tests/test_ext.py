@@ -139,6 +139,35 @@ def test_branch_convs_and_inference_forward(ops):
         close(depthwise_quadratic_conv2d(x, weight, bias, padding=2), expected, rtol=1e-5)
 
 
+def test_inference_forward_adds_the_residual_in_the_kernel(spy):
+    x, weight, bias, residual = quad_inputs(2, 13, 8, 9, 5, seed=4)
+    args = ((1, 1), (2, 2), (1, 1))
+    with ext.cpu_kernels(False):
+        expected = depthwise.quadratic_product(x, weight, bias, args) + residual
+    assert not spy.calls
+    actual = depthwise.quadratic_product(x, weight, bias, args, residual=residual)
+    assert spy.calls == ["quadratic_forward"]
+    close(actual, expected, rtol=1e-5)
+    # an NCHW residual takes the PyTorch path, with the same result
+    actual = depthwise.quadratic_product(x, weight, bias, args, residual=residual.contiguous())
+    close(actual, expected, rtol=1e-5)
+
+
+def test_quadra_block_inference_matches_the_pytorch_path(spy):
+    torch.manual_seed(5)
+    block = QuadraBlock(16, kernel_size=5, drop_path=0.2, layer_scale_init=0.5).eval()
+    x = torch.randn(2, 16, 7, 6).contiguous(memory_format=CL)
+    with torch.no_grad():
+        with ext.cpu_kernels(False):
+            expected = block(x)
+        actual = block(x)
+        # drop-path active (training mode without grad) keeps the unfused residual
+        block.train()
+        assert block(x).shape == x.shape
+    assert spy.calls[0] == "quadratic_forward"
+    close(actual, expected, rtol=1e-5)
+
+
 def test_dispatch_only_where_the_kernels_apply(ops):
     x, weight, bias, _ = quad_inputs(1, 4, 6, 6, 3)
     same = ((1, 1), (1, 1), (1, 1))
@@ -153,6 +182,40 @@ def test_dispatch_only_where_the_kernels_apply(ops):
         assert depthwise._kernel_ops(x, weight, bias, same) is None
     with ext.cpu_kernels(False):
         assert depthwise._kernel_ops(x, weight, bias, same) is None
+
+
+def test_inplace_gelu_matches_float64(ops):
+    u = torch.cat(
+        [
+            torch.randn(1003, generator=torch.Generator().manual_seed(6)) * 4,
+            torch.linspace(-30, 30, 997),
+            torch.tensor([0.0, -0.0, 1e-30, -1e-30]),
+        ]
+    )
+    expected = F.gelu(u.double())
+    out = u.clone()
+    assert ops.gelu_(out).data_ptr() == out.data_ptr()
+    err = (out.double() - expected).abs()
+    assert (err <= 1e-6 * u.double().abs().clamp_min(1.0)).all(), err.max()
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        ops.gelu_(u.double())
+
+
+def test_channel_mlp_inference_uses_the_inplace_gelu(spy):
+    torch.manual_seed(7)
+    block = QuadraBlock(16, kernel_size=3, layer_scale_init=0.5).eval()
+    x = torch.randn(2, 7, 6, 16)
+    with torch.no_grad():
+        with ext.cpu_kernels(False):
+            expected = block.mlp(x)
+        actual = block.mlp(x)
+        assert spy.calls == ["gelu_"]
+        block.mlp.act = torch.nn.GELU(approximate="tanh")  # not the erf GELU: torch's op
+        spy.calls.clear()
+        tanh = block.mlp(x)
+    assert "gelu_" not in spy.calls
+    close(actual, expected, rtol=1e-5)
+    assert not torch.allclose(tanh, expected, rtol=0, atol=1e-7)
 
 
 def test_gelu_and_grad_matches_float64(ops):

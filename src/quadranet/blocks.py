@@ -17,6 +17,8 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
 from quadranet.nn import LayerNorm2d, QuadraticConv2d, quadratic_conv2d
+from quadranet.nn.depthwise import quadratic_product
+from quadranet.nn.ext import gelu_kernel
 from quadranet.nn.fused import channel_mlp, quadratic_mixer
 
 LN_EPS = 1e-6
@@ -68,7 +70,10 @@ class ChannelMlp(nn.Module):
                 self.gamma,
                 self.norm.eps,
             )
-        h = self.act(self.fc1(self.norm(x)))
+        h = self.fc1(self.norm(x))
+        exact_gelu = isinstance(self.act, nn.GELU) and self.act.approximate == "none"
+        ops = gelu_kernel(h) if exact_gelu and not torch.is_grad_enabled() else None
+        h = ops.gelu_(h) if ops is not None else self.act(h)  # in place at inference
         if self.gamma is None:
             return self.fc2(h)
         if torch.is_grad_enabled():
@@ -119,9 +124,13 @@ class MixerBlock(nn.Module):
         y = self.mixer(self.norm1(x))
         return y * self.gamma1.view(1, -1, 1, 1) if self.gamma1 is not None else y
 
+    def spatial_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """x + DropPath(spatial(x)): the block's first residual step."""
+        return x + self.drop_path(self.spatial(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mixer is not None:
-            x = x + self.drop_path(self.spatial(x))
+            x = self.spatial_residual(x)
         y = self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x + self.drop_path(y)
 
@@ -148,14 +157,28 @@ class QuadraBlock(MixerBlock):
         super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init, memory_efficient)
         self.memory_efficient = memory_efficient
 
+    def _folded_mixer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mixer's weight and bias with gamma1 folded in (inference):
+        gamma * (a * b + c) = (gamma a) * b + gamma c."""
+        m = self.mixer
+        scale = torch.stack((self.gamma1, torch.ones_like(self.gamma1), self.gamma1), 1).view(-1)
+        bias = None if m.bias is None else m.bias * scale
+        return m.weight * scale.view(-1, 1, 1, 1), bias
+
+    def spatial_residual(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mixer
+        drop_path_off = not self.training or isinstance(self.drop_path, nn.Identity)
+        if torch.is_grad_enabled() or self.gamma1 is None or not drop_path_off:
+            return super().spatial_residual(x)
+        # inference: gamma folded into the weights and the residual added in the conv's pass
+        weight, bias = self._folded_mixer()
+        conv_args = (m.stride, m.padding, m.dilation)
+        return quadratic_product(self.norm1(x), weight, bias, conv_args, residual=x)
+
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() and self.gamma1 is not None:
-            # inference: gamma * (a * b + c) = (gamma a) * b + gamma c, folded into the weights
             m = self.mixer
-            scale = torch.stack((self.gamma1, torch.ones_like(self.gamma1), self.gamma1), 1)
-            scale = scale.view(-1)
-            bias = None if m.bias is None else m.bias * scale
-            weight = m.weight * scale.view(-1, 1, 1, 1)
+            weight, bias = self._folded_mixer()
             n = self.norm1(x)
             return quadratic_conv2d(n, weight, bias, m.stride, m.padding, m.dilation, m.groups)
         if not (self.memory_efficient and torch.is_grad_enabled()):

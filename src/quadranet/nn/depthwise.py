@@ -93,14 +93,24 @@ def branch_convs(
 
 
 def quadratic_product(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_args: ConvArgs
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_args: ConvArgs,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = a * b + c of the depthwise branches (one kernel pass where the kernels apply)."""
+    """y = a * b + c of the depthwise branches, plus `residual` when given (one kernel pass,
+    residual included, where the kernels apply)."""
     ops = _kernel_ops(x, weight, bias, conv_args)
-    if ops is not None:
-        return ops.quadratic_forward(x, weight.contiguous(), bias, True, False, False, False)[0]
+    if ops is not None and (
+        residual is None
+        or (ext.usable(residual) and residual.is_contiguous(memory_format=torch.channels_last))
+    ):
+        w = weight.contiguous()
+        return ops.quadratic_forward(x, w, bias, True, False, False, False, residual)[0]
     a, b, c = branch_convs(x, weight, bias, conv_args)
-    return torch.addcmul(c, a, b)
+    y = torch.addcmul(c, a, b)
+    return y if residual is None else residual + y
 
 
 def _interleave(ga: torch.Tensor, gb: torch.Tensor, gc: torch.Tensor) -> torch.Tensor:
