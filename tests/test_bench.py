@@ -14,9 +14,11 @@ from quadranet.bench import runner
 from quadranet.bench.measure import GemmShape, count_params, gemm_seconds, record_gemms
 from quadranet.bench.reference import (
     ElementwiseLayerNorm2d,
+    PlainChannelMlp,
     create_reference_model,
     load_quadranet_weights,
 )
+from quadranet.blocks import ChannelMlp
 from quadranet.cli import main
 from quadranet.models import QuadraNet
 
@@ -130,6 +132,16 @@ def test_reference_computes_quadranet_with_the_same_weights():
     load_quadranet_weights(reference, quadranet)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(reference(x), quadranet(x), rtol=1e-10, atol=1e-10)
+    # inference too, where QuadraNet folds layer scale and runs its kernels and the
+    # reference keeps plain modules
+    mlps = [m for m in reference.modules() if isinstance(m, ChannelMlp)]
+    assert len(mlps) == 5 and all(isinstance(m, PlainChannelMlp) for m in mlps)
+    reference, quadranet = (
+        m.float().eval().to(memory_format=torch.channels_last) for m in (reference, quadranet)
+    )
+    x = x.float().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x), quadranet(x), rtol=1e-4, atol=1e-4)
 
 
 def test_allocator_env():
@@ -206,3 +218,30 @@ def test_time_fn_and_tables():
     table = runner.markdown_table([dict(name="a", x=1.0), dict(name="b", x=None)], cols)
     assert table.splitlines() == ["| name | x |", "|---|---:|", "| a | 1.0 |", "| b | – |"]
     assert runner.ratio(2.0, 4.0) == 0.5 and runner.ratio(1.0, None) is None
+
+
+@pytest.mark.parametrize(
+    "faults, expected_calls",
+    [
+        ([900_000, 200_000, 30_000, 5, 0, 0, 0], 4),  # growing pool: warm up until it settles
+        ([50_000] * 9, 2),  # the same faults every call (plain glibc): no extra calls
+        ([900_000, 200_000, 100_000, 60_000, 30_000, 20_000, 9_000, 5_000], 6),  # capped
+    ],
+)
+def test_time_fn_settles_the_allocator(monkeypatch, faults, expected_calls):
+    counter = iter(range(10**9))
+    per_call = iter(faults + [0] * 20)
+    total = [0]
+
+    def fake_faults():
+        return total[0]
+
+    calls = []
+
+    def fn():
+        calls.append(next(counter))
+        total[0] += next(per_call)
+
+    monkeypatch.setattr(runner, "minor_page_faults", fake_faults)
+    runner.time_fn(fn, warmup=2, repeats=3, settle=4)
+    assert len(calls) == expected_calls + 3

@@ -2,8 +2,10 @@
 
 Same architecture and parameter count as `quadranet36_t`, but written as research code
 usually writes it: the quadratic depthwise conv is three separate `nn.Conv2d` (a, b, c)
-combined as a * b + c under plain autograd, and the channels-first LayerNorms (block
-norm1, stem, downsamples) are computed element-wise instead of by the fused kernel.
+combined as a * b + c under plain autograd, the channels-first LayerNorms (block
+norm1, stem, downsamples) are computed element-wise instead of by the fused kernel, and
+the channel MLP is plain modules (LayerNorm, Linear, GELU, Linear, times gamma) in
+training and inference alike, without QuadraNet's inference folding and kernels.
 It is a benchmark baseline, not a model of the family, so it is not registered with timm.
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quadranet.blocks import LN_EPS, MixerBlock, check_kernel_size
+from quadranet.blocks import LN_EPS, ChannelMlp, MixerBlock, check_kernel_size
 from quadranet.models.quadranet import DEPTHS, WIDTHS, QuadraNet
 from quadranet.nn import LayerNorm2d, QuadraticConv2d
 
@@ -59,6 +61,14 @@ class UnfusedQuadraticDWConv2d(nn.Module):
         return self.a(x) * self.b(x) + self.c(x)
 
 
+class PlainChannelMlp(ChannelMlp):
+    """ChannelMlp's parameters with the plain forward: gamma * fc2(GELU(fc1(LN(x))))."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(self.act(self.fc1(self.norm(x))))
+        return y if self.gamma is None else y * self.gamma
+
+
 class ReferenceQuadraBlock(MixerBlock):
     """QuadraBlock with the unfused quadratic conv and an element-wise norm1."""
 
@@ -73,6 +83,7 @@ class ReferenceQuadraBlock(MixerBlock):
         mixer = UnfusedQuadraticDWConv2d(dim, kernel_size)
         super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init)
         self.norm1 = ElementwiseLayerNorm2d(dim)
+        self.mlp = PlainChannelMlp(dim, mlp_ratio, layer_scale_init)
 
 
 def _elementwise_norms(model: QuadraNet) -> None:

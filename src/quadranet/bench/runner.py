@@ -344,19 +344,46 @@ def synchronizer(device: str | torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+SETTLED_FAULTS = 1000  # page faults per call below which the allocator counts as settled
+
+
 def time_fn(
     fn: Callable[[], Any],
     warmup: int = 1,
     repeats: int = 5,
     sync: Callable[[], None] | None = None,
+    settle: int = 0,
 ) -> Stats:
-    """Seconds per call of `fn`: `warmup` untimed calls, then `repeats` timed ones."""
+    """Seconds per call of `fn`: `warmup` untimed calls, then `repeats` timed ones.
+
+    `settle` allows up to that many more untimed calls while the allocator is still growing
+    its pool: while the last call took over `SETTLED_FAULTS` page faults and fewer than the
+    call before it. (A memory-retaining allocator reaches a fault-free steady state after a
+    few training steps; plain glibc faults the same amount every step, which is its steady
+    state, so it is not waited for.)
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     sync = sync or (lambda: None)
-    for _ in range(warmup):
+    faults: list[int] = []
+    for i in range(warmup + settle):
+        if i >= warmup and not (
+            faults[-1] > SETTLED_FAULTS and (len(faults) < 2 or faults[-1] < faults[-2])
+        ):
+            break
+        before = minor_page_faults()
         fn()
-    sync()
+        sync()
+        faults.append(minor_page_faults() - before)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
