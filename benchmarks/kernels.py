@@ -2,8 +2,9 @@
 
 For each stage shape of quadranet36_t (batch 16, 224x224: 56x56x64, 28x28x128, 14x14x256,
 7x7x512; k = 7) times the depthwise quadratic conv's training forward (y plus a, b kept
-for backward), inference forward, backward (dx, dW, db), and the channel MLP's GELU in
-backward (gelu + gelu_backward vs the one-pass kernel), then one full quadranet36_t
+for backward), inference forward, backward (dx, dW, db), the channel MLP's GELU in
+backward (gelu + gelu_backward vs the one-pass kernel) and at inference (torch's GELU vs
+the in-place exp-free kernel), then one full quadranet36_t
 training step (forward, backward, AdamW; channels-last) with the kernels on and off.
 Old and new alternate call by call (swapping which goes first every round) so drift hits
 both alike; the table gives medians with min-max. The script re-runs itself in a child
@@ -133,6 +134,22 @@ def gelu_case(batch: int, c: int, size: int) -> tuple[Callable, Callable]:
     return old, new
 
 
+def inference_gelu_case(batch: int, c: int, size: int) -> tuple[Callable, Callable]:
+    """(old, new) GELU of the channel MLP at inference: torch's GELU vs the in-place kernel
+    (both refresh the input first, so neither works on its own output)."""
+    u0 = torch.randn(batch * size * size, MLP_RATIO * c, generator=torch.Generator().manual_seed(2))
+    u = torch.empty_like(u0)
+    ops = ext.load()
+
+    def old() -> Any:
+        return F.gelu(u.copy_(u0))
+
+    def new() -> Any:
+        return ops.gelu_(u.copy_(u0))
+
+    return old, new
+
+
 def training_step(batch: int, img_size: int, model_name: str) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward, AdamW) in channels-last."""
     torch.manual_seed(0)
@@ -173,6 +190,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(f"{stage} {op}: x{rows[-1]['speedup']:.2f}", file=sys.stderr, flush=True)
         old, new = gelu_case(args.batch, c, size)
         rows.append(row(stage, "gelu + gelu' (MLP backward)", *interleaved(
+            old, new, args.repeats, args.min_time
+        )))  # fmt: skip
+        old, new = inference_gelu_case(args.batch, c, size)
+        rows.append(row(stage, "gelu (MLP inference, in place)", *interleaved(
             old, new, args.repeats, args.min_time
         )))  # fmt: skip
     if args.step_rounds > 0:

@@ -12,6 +12,8 @@ from torch import nn
 
 from quadranet.cli import main
 from quadranet.engine import TrainConfig
+from quadranet.engine import checkpoint as ckpt
+from quadranet.engine.config import ConfigError
 from quadranet.models import create_model
 from quadranet.models.quadranet_nas import Arch, load_arch
 from quadranet.nas.latency import LatencyTable, LatencyTableError, Setting, fixed_part_names
@@ -296,6 +298,46 @@ def test_tight_target_moves_probability_to_cheaper_blocks(tmp_path):
     _, _, e_mul_tight = _search_alphas(tmp_path, SearchOptions(1.2, **mul))
     _, _, e_mul_loose = _search_alphas(tmp_path, SearchOptions(50.0, **mul))
     assert e_mul_tight < e_mul_loose
+
+
+def test_search_resumes_exactly(tmp_path):
+    """Stopping after an epoch and resuming gives the uninterrupted search's weights, alphas,
+    log and architecture: alpha's Adam state, the path sampler and the place in the
+    hold-out split are in the checkpoint."""
+    options = SearchOptions(target_ms=2.0, arch_warmup_epochs=0, arch_lr=0.05)
+    common = dict(epochs=2, batch_size=8, seed=5, lr=1e-3)
+
+    def run(output, stop_after=None, resume=None):
+        cfg = TrainConfig.from_dict(plain_config(output, resume=resume, **common))
+        trainer = SearchTrainer(cfg, synthetic_table(), options)
+        trainer.fit(lambda t, record: stop_after is not None and t.epoch == stop_after)
+        return trainer
+
+    full = run(tmp_path / "full")
+    first = run(tmp_path / "part", stop_after=1)
+    assert first.epoch == 1 and first._arch_batches is not None and first._arch_pos == 1
+    resumed = run(tmp_path / "part", resume=str(tmp_path / "part"))
+    assert resumed.epoch == 2
+    expected, actual = full.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    assert resumed.search_log == full.search_log
+    assert resumed.supernet.derive().stages == full.supernet.derive().stages
+
+
+def test_search_refuses_a_state_without_the_search_part(tmp_path):
+    options = SearchOptions(target_ms=2.0)
+    run = tmp_path / "run"
+    SearchTrainer(TrainConfig.from_dict(plain_config(run, epochs=1, batch_size=16)),
+                  synthetic_table(), options).fit()  # fmt: skip
+    path = run / ckpt.STATE_NAME
+    state = ckpt.load_state(path)
+    del state["search"]
+    torch.save(state, path)
+    cfg = TrainConfig.from_dict(plain_config(run, epochs=2, batch_size=16, resume=str(run)))
+    with pytest.raises(ConfigError, match="without the search's state"):
+        SearchTrainer(cfg, synthetic_table(), options)
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -697,7 +697,11 @@ class Trainer:
         rng = state.get("rng") or []
         if self.dist.rank < len(rng):
             ckpt.set_rng_state(rng[self.dist.rank])
+        self.restore_extra_state(state, path)
         self.log(f"resumed from {path} after epoch {self.epoch} (step {self.step})")
+
+    def restore_extra_state(self, state: dict[str, Any], path: Path) -> None:
+        """Hook for subclasses: restore what they added to `training_state`."""
 
     # -- end of run ---------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from quadranet.data import InMemoryImageDataset
 from quadranet.data import dataset_info as get_dataset_info
 from quadranet.engine import TrainConfig, Trainer
+from quadranet.engine import checkpoint as ckpt
 from quadranet.engine.config import ConfigError
 from quadranet.engine.train import InMemoryLoader, _dataset_kwargs, build_scheduler
 from quadranet.models.quadranet_nas import Arch
@@ -115,6 +116,7 @@ class SearchTrainer(Trainer):
             num_classes=info.num_classes,
         )
         self.table, self.options = table, options
+        self._resumed_search: dict[str, Any] | None = None  # set by --resume, applied below
         torch.manual_seed(cfg.seed)  # the same supernet weights for the same seed
         supernet = Supernet(table.space, layer_scale_init=options.layer_scale_init)
         super().__init__(cfg, supernet)
@@ -136,6 +138,8 @@ class SearchTrainer(Trainer):
                 self.model, device_ids=ids, find_unused_parameters=True
             )
         self.search_log: list[dict[str, Any]] = [self._snapshot(epoch=0)]
+        if self._resumed_search is not None:
+            self._apply_search_state(self._resumed_search)
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -161,8 +165,11 @@ class SearchTrainer(Trainer):
             raise ConfigError("no optimizer step fits in an epoch after the hold-out split")
         self.batches_per_epoch = self.steps_per_epoch * cfg.accum_steps
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.scheduler.step_update(self.step)  # a new scheduler resets the lr; resume keeps it
         self._arch_batches: Iterator | None = None
         self._arch_epoch = 0
+        self._arch_pos = 0  # batches taken from the open hold-out pass
+        self._arch_skip = 0  # batches to skip when the next pass opens (resume)
 
     def _subset_loader(self, loader: Any, indices: list[int], augment: bool) -> tuple[Any, Any]:
         cfg, world, rank = self.cfg, self.dist.world_size, self.dist.rank
@@ -200,13 +207,65 @@ class SearchTrainer(Trainer):
         for _ in range(2):
             if self._arch_batches is None:
                 self.arch_sampler.set_epoch(self._arch_epoch)
+                if isinstance(self.arch_loader, DataLoader):  # worker seeds from the pass, not
+                    # the global RNG: reopening a pass on resume draws nothing from it
+                    seed = self.cfg.seed * 100_003 + self._arch_epoch
+                    self.arch_loader.generator = torch.Generator().manual_seed(seed)
                 self._arch_epoch += 1
                 self._arch_batches = iter(self.arch_loader)
+                self._arch_pos = 0
+                for _ in range(self._arch_skip):  # where the resumed run left this pass
+                    next(self._arch_batches)
+                    self._arch_pos += 1
+                self._arch_skip = 0
             try:
-                return next(self._arch_batches)
+                batch = next(self._arch_batches)
             except StopIteration:
                 self._arch_batches = None
+                continue
+            self._arch_pos += 1
+            return batch
         raise ConfigError("the hold-out split holds no full batch; lower --batch-size")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def training_state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        """The engine's state plus the search's: alpha's optimizer, the path sampler, the
+        place in the hold-out split and the log, so that `--resume` continues exactly."""
+        state = super().training_state(rng)
+        state["search"] = {
+            "arch_optimizer": self.arch_optimizer.state_dict(),
+            "paths": self.paths.get_state(),
+            "arch_epoch": self._arch_epoch,
+            "arch_open": self._arch_batches is not None,
+            "arch_pos": self._arch_pos,
+            "search_log": self.search_log,
+        }
+        return state
+
+    def restore_extra_state(self, state: dict[str, Any], path: Path) -> None:
+        search = state.get("search")
+        if search is None:
+            raise ConfigError(
+                f"{path} is a plain training state without the search's state (architecture "
+                "optimizer, path sampler, hold-out position); resume it with `quadranet "
+                "train`, or start the search again without --resume"
+            )
+        # applied once the search's parts exist, with the RNG states again: building them
+        # after the engine's restore may have drawn random numbers
+        self._resumed_search = {**search, "rng": state.get("rng") or []}
+
+    def _apply_search_state(self, search: dict[str, Any]) -> None:
+        self.arch_optimizer.load_state_dict(search["arch_optimizer"])
+        self.paths.set_state(search["paths"])
+        if search["arch_open"]:  # reopen the same pass and skip what was used
+            self._arch_epoch, self._arch_skip = search["arch_epoch"] - 1, search["arch_pos"]
+        else:
+            self._arch_epoch = search["arch_epoch"]
+        self.search_log = list(search["search_log"])
+        if self.dist.rank < len(search["rng"]):
+            ckpt.set_rng_state(search["rng"][self.dist.rank])
+        self._resumed_search = None
 
     # -- the search ----------------------------------------------------------------------------
 
