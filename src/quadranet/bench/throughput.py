@@ -109,6 +109,7 @@ def measure_model(
     compile: bool = False,
     warmup: int = 2,
     repeats: int = 5,
+    settle: int = SETTLE,
     infer_gemms: Sequence[tuple[tuple[int, int, int, int], int]] = (),
     train_gemms: Sequence[tuple[tuple[int, int, int, int], int]] = (),
 ) -> dict[str, Any]:
@@ -144,7 +145,7 @@ def measure_model(
         optimizer.step()
 
     with track_peak_memory("cpu") as peak:
-        train = time_fn(train_step, warmup, repeats, settle=SETTLE)
+        train = time_fn(train_step, warmup, repeats, settle=settle)
     model.zero_grad(set_to_none=True)
 
     model.eval()
@@ -154,7 +155,7 @@ def measure_model(
         with torch.no_grad(), autocast():
             run(x_infer)
 
-    infer = time_fn(infer_step, warmup, repeats, settle=SETTLE)
+    infer = time_fn(infer_step, warmup, repeats, settle=settle)
     gemm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return dict(
         infer_gemm_s=gemm_seconds(infer_gemms, gemm_dtype),
@@ -184,12 +185,15 @@ def run_throughput_bench(
     repeats: int = 5,
     allocator: str = "retained",
     gemm_size: int = GEMM_SIZE,
+    settle: int = SETTLE,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Table rows (one per model) and the raw per-round measurements."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if min(rounds, repeats, batch, train_batch, img_size) < 1:
         raise ValueError("rounds, repeats, batch, train-batch and img-size must be positive")
+    if warmup < 0 or settle < 0:
+        raise ValueError(f"warmup and settle must be >= 0, got {warmup} and {settle}")
     if len(set(models)) != len(models) or not models:
         raise ValueError(f"--models needs distinct names, got {list(models)}")
     allocator_env(allocator)  # a missing jemalloc fails here, before any work
@@ -202,6 +206,7 @@ def run_throughput_bench(
         compile=compile,
         warmup=warmup,
         repeats=repeats,
+        settle=settle,
     )
     gemm_dtype = "bfloat16" if precision == "bf16" else "float32"
     items = [GEMM, *models]
@@ -357,6 +362,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         allocator=args.allocator,
         gemm_size=args.gemm_size,
+        settle=args.settle,
     )
     gemm = raw["gemm"]
     layout = "channels-last" if args.channels_last else "NCHW"
@@ -367,7 +373,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         + (", torch.compile (compile time excluded)" if args.compile else ", eager"),
         f"inference: batch {args.batch}; training (forward, backward, fused AdamW): batch "
         f"{args.train_batch}; each the median of {args.repeats} calls after {args.warmup} "
-        f"warm-up (and up to {SETTLE} more while a call still page-faults over "
+        f"warm-up (and up to {args.settle} more while a call still page-faults over "
         f"{SETTLED_FAULTS} times and fewer than the one before: the allocator growing)",
         f"{args.rounds} round(s), models interleaved, one child process per model per round; "
         "img/s: median over rounds (min–max)",
@@ -435,6 +441,13 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=3, help="rounds over all models")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    p.add_argument(
+        "--settle",
+        type=int,
+        default=SETTLE,
+        help="extra untimed calls allowed while a call still page-faults (the allocator "
+        "growing its pool) and fewer than the call before",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
     p.add_argument(
         "--allocator",
