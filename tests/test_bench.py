@@ -246,3 +246,6 @@ def test_time_fn_settles_the_allocator(monkeypatch, faults, expected_calls):
     monkeypatch.setattr(runner, "minor_page_faults", fake_faults)
     runner.time_fn(fn, warmup=2, repeats=3, settle=4)
     assert len(calls) == expected_calls + 3
+    calls.clear()
+    runner.time_fn(fn, warmup=0, repeats=1, settle=4)  # no warm-up: nothing to settle after
+    assert len(calls) == 1

@@ -377,7 +377,9 @@ def time_fn(
     faults: list[int] = []
     for i in range(warmup + settle):
         if i >= warmup and not (
-            faults[-1] > SETTLED_FAULTS and (len(faults) < 2 or faults[-1] < faults[-2])
+            faults  # settling follows at least one warm-up call
+            and faults[-1] > SETTLED_FAULTS
+            and (len(faults) < 2 or faults[-1] < faults[-2])
         ):
             break
         before = minor_page_faults()
