@@ -374,18 +374,22 @@ def time_fn(
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     sync = sync or (lambda: None)
-    faults: list[int] = []
-    for i in range(warmup + settle):
-        if i >= warmup and not (
-            faults  # settling follows at least one warm-up call
-            and faults[-1] > SETTLED_FAULTS
-            and (len(faults) < 2 or faults[-1] < faults[-2])
-        ):
-            break
+    faults: list[int] = []  # page faults of each untimed call
+
+    def untimed() -> None:
         before = minor_page_faults()
         fn()
         sync()
         faults.append(minor_page_faults() - before)
+
+    for _ in range(warmup):
+        untimed()
+    for _ in range(settle):  # only after a warm-up call, while its faults still fall
+        if not faults or faults[-1] <= SETTLED_FAULTS:
+            break
+        if len(faults) >= 2 and faults[-1] >= faults[-2]:
+            break
+        untimed()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

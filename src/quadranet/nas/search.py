@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from quadranet.data import InMemoryImageDataset
 from quadranet.data import dataset_info as get_dataset_info
 from quadranet.engine import TrainConfig, Trainer
-from quadranet.engine import checkpoint as ckpt
 from quadranet.engine.config import ConfigError
 from quadranet.engine.train import InMemoryLoader, _dataset_kwargs, build_scheduler
 from quadranet.models.quadranet_nas import Arch
@@ -213,11 +212,9 @@ class SearchTrainer(Trainer):
                     self.arch_loader.generator = torch.Generator().manual_seed(seed)
                 self._arch_epoch += 1
                 self._arch_batches = iter(self.arch_loader)
-                self._arch_pos = 0
                 for _ in range(self._arch_skip):  # where the resumed run left this pass
                     next(self._arch_batches)
-                    self._arch_pos += 1
-                self._arch_skip = 0
+                self._arch_pos, self._arch_skip = self._arch_skip, 0
             try:
                 batch = next(self._arch_batches)
             except StopIteration:
@@ -251,9 +248,7 @@ class SearchTrainer(Trainer):
                 "optimizer, path sampler, hold-out position); resume it with `quadranet "
                 "train`, or start the search again without --resume"
             )
-        # applied once the search's parts exist, with the RNG states again: building them
-        # after the engine's restore may have drawn random numbers
-        self._resumed_search = {**search, "rng": state.get("rng") or []}
+        self._resumed_search = search  # applied once the search's parts exist
 
     def _apply_search_state(self, search: dict[str, Any]) -> None:
         self.arch_optimizer.load_state_dict(search["arch_optimizer"])
@@ -263,8 +258,6 @@ class SearchTrainer(Trainer):
         else:
             self._arch_epoch = search["arch_epoch"]
         self.search_log = list(search["search_log"])
-        if self.dist.rank < len(search["rng"]):
-            ckpt.set_rng_state(search["rng"][self.dist.rank])
         self._resumed_search = None
 
     # -- the search ----------------------------------------------------------------------------
