@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from quadranet.bench import runner
+from quadranet.bench import runner, throughput
 from quadranet.bench.measure import GemmShape, count_params, gemm_seconds, record_gemms
 from quadranet.bench.reference import (
     ElementwiseLayerNorm2d,
@@ -84,6 +84,60 @@ def test_throughput_bench_end_to_end(tmp_path, capsys):
     assert "train_ips_vs_hornet_t" not in rows["reference"]  # hornet_t was not run
     raw = json.loads((tmp_path / "throughput_rounds.json").read_text())
     assert raw["gemm"]["median"] > 0 and len(raw["rounds"]["reference"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_throughput_bench_on_cuda(tmp_path, capsys):
+    args = ["bench", "throughput", "--models", "quadranet36_t,reference", "--img-size", "32"]
+    args += ["--batch", "2", "--train-batch", "2", "--rounds", "1", "--gemm-size", "256"]
+    args += ["--device", "cuda", "--settle", "0", "--output", str(tmp_path), *TINY]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "peak train memory (MiB)" in out and "peak train RSS" not in out
+    assert torch.cuda.get_device_name() in out and "allow_tf32=" in out
+    rows = {r["model"]: r for r in read_csv(tmp_path / "throughput.csv")}
+    assert list(rows) == ["quadranet36_t", "reference"]
+    for r in rows.values():
+        for key in ("infer_ips", "train_ips", "peak_train_mib", "infer_gemm_pct"):
+            assert float(r[key]) > 0, key
+    raw = json.loads((tmp_path / "throughput_rounds.json").read_text())
+    assert raw["device"] == "cuda" and raw["gemm"]["median"] > 0
+    assert raw["rounds"]["quadranet36_t"][0]["device"] == "cuda"
+
+
+def test_measure_model_and_gemms_in_process():
+    costs = throughput.model_costs("quadranet25_xxs", img_size=32, batch=2, train_batch=2)
+    result = throughput.measure_model(
+        "quadranet25_xxs",
+        img_size=32,
+        batch=2,
+        train_batch=2,
+        warmup=0,
+        repeats=1,
+        settle=0,
+        infer_gemms=costs["infer_gemms"],
+        device="cpu",
+    )
+    assert result["device"] == "cpu" and result["infer_ips"] > 0 and result["train_ips"] > 0
+    assert result["infer_gemm_s"] > 0 and result["train_gemm_s"] == 0  # no training shapes
+    rate = runner.matmul_gflops(size=64, repeats=1, device="cpu")
+    assert rate["gflops"] > 0 and rate["device"] == "cpu" and "device_name" not in rate
+
+
+def test_throughput_without_cuda_says_to_use_the_cpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="no CUDA device.*use --device cpu"):
+        throughput.run_throughput_bench(models=["quadranet36_t"], device="cuda")
+    assert main(["bench", "throughput", "--models", "quadranet36_t", "--device", "cuda:1"]) == 2
+    err = capsys.readouterr().err
+    assert "use --device cpu" in err and "Traceback" not in err
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="sees 1 CUDA device"):
+        runner.check_device("cuda:1")
+    assert runner.check_device("cuda:0") == "cuda:0" and runner.check_device("cpu:0") == "cpu"
+    with pytest.raises(ValueError, match="must be cpu, cuda or cuda:N"):
+        runner.check_device("tpu")
 
 
 def test_record_gemms_finds_every_dense_product_and_skips_depthwise():
@@ -195,7 +249,7 @@ def test_child_processes():
 
 PEAK_SCRIPT = """
 import torch
-from quadranet.bench import runner
+from quadranet.bench import runner, throughput
 with runner.track_peak_memory("cpu") as peak:
     x = torch.ones(16 * 2**20)  # 64 MiB, touched, then freed
     del x

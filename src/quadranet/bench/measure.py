@@ -25,6 +25,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from quadranet.bench.runner import synchronizer
+
 aten = torch.ops.aten
 
 
@@ -153,23 +155,29 @@ def gemm_seconds(
     shapes: Iterable[tuple[tuple[int, int, int, int], int]],
     dtype: torch.dtype = torch.float32,
     repeats: int = 3,
+    device: str | torch.device = "cpu",
 ) -> float:
     """Seconds this process needs for the given (shape, count) matrix products alone.
 
     Each shape is timed `repeats` times after one warm-up call; the best time counts.
+    On CUDA the clock is read after the device has finished the product.
     """
+    device = torch.device(device)
+    sync = synchronizer(device)
     total = 0.0
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)
     for shape, count in shapes:
         shape = GemmShape(*shape)
-        a = torch.randn(shape.batch, shape.m, shape.k, generator=gen).to(dtype)
-        b = torch.randn(shape.batch, shape.k, shape.n, generator=gen).to(dtype)
-        out = torch.empty(shape.batch, shape.m, shape.n, dtype=dtype)
+        a = torch.randn(shape.batch, shape.m, shape.k, generator=gen, device=device).to(dtype)
+        b = torch.randn(shape.batch, shape.k, shape.n, generator=gen, device=device).to(dtype)
+        out = torch.empty(shape.batch, shape.m, shape.n, dtype=dtype, device=device)
         torch.bmm(a, b, out=out)
+        sync()
         best = math.inf
         for _ in range(repeats):
             start = time.perf_counter()
             torch.bmm(a, b, out=out)
+            sync()
             best = min(best, time.perf_counter() - start)
         total += best * count
     return total

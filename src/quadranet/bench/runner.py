@@ -336,6 +336,34 @@ class Stats:
         return dict(median=self.median, min=self.min, max=self.max, values=self.values)
 
 
+def check_device(device: str) -> str:
+    """`device` (cpu, cuda or cuda:N) as torch names it; ValueError if this machine lacks it.
+
+    Asks `torch.cuda.device_count`, which uses NVML where it can and so leaves this process
+    without a CUDA context (the jobs, in their own processes, start CUDA themselves).
+    """
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cpu":
+        return "cpu"
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ValueError(
+            f"--device {device} was asked for but torch sees no CUDA device "
+            f"(torch {torch.__version__}, CUDA {torch.version.cuda}); use --device cpu"
+        )
+    if (dev.index or 0) >= count:
+        raise ValueError(
+            f"--device {device} was asked for but torch sees {count} CUDA device(s): "
+            f"use cuda:0 to cuda:{count - 1}"
+        )
+    return str(dev)
+
+
 def synchronizer(device: str | torch.device) -> Callable[[], None]:
     """A function that waits for the device's queued work (a no-op on CPU)."""
     device = torch.device(device)
@@ -403,23 +431,39 @@ GEMM_SIZE = 2048
 
 
 def matmul_gflops(
-    size: int = GEMM_SIZE, dtype: str = "float32", warmup: int = 2, repeats: int = 5
+    size: int = GEMM_SIZE,
+    dtype: str = "float32",
+    warmup: int = 2,
+    repeats: int = 5,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """This process's dense matmul rate: GFLOP/s of a size x size @ size x size product."""
+    """This process's dense matmul rate: GFLOP/s of a size x size @ size x size product.
+
+    On CUDA the result also names the GPU and torch's TF32 settings (left as they are).
+    """
+    dev = torch.device(device)
     torch_dtype = getattr(torch, dtype)
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(torch_dtype)
-    b = torch.randn(size, size, generator=gen).to(torch_dtype)
-    out = torch.empty(size, size, dtype=torch_dtype)
-    stats = time_fn(lambda: torch.matmul(a, b, out=out), warmup, repeats)
+    gen = torch.Generator(dev).manual_seed(0)
+    a = torch.randn(size, size, generator=gen, device=dev).to(torch_dtype)
+    b = torch.randn(size, size, generator=gen, device=dev).to(torch_dtype)
+    out = torch.empty(size, size, dtype=torch_dtype, device=dev)
+    stats = time_fn(lambda: torch.matmul(a, b, out=out), warmup, repeats, synchronizer(dev))
     flops = 2 * size**3
-    return dict(
+    result = dict(
         gflops=flops / stats.median / 1e9,
         seconds=stats.as_dict(),
         size=size,
         dtype=dtype,
         threads=torch.get_num_threads(),
+        device=str(dev),
     )
+    if dev.type == "cuda":
+        result.update(
+            device_name=torch.cuda.get_device_name(dev),
+            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+        )
+    return result
 
 
 # --- command-line values ---------------------------------------------------------------

@@ -1,10 +1,12 @@
 """`quadranet bench throughput`: speed and memory of whole models (the paper's Table I).
 
 For each model: parameters, GMACs, saved activation bytes per image (counted on the meta
-device), and, measured in a child process per model per round with the chosen malloc:
-inference images/s, training images/s (forward, backward, AdamW step), the peak RSS of
-training, and the share of the machine's dense matmul rate that the model's conv and
-linear FLOPs reach (inference 2 x MACs per image, training 6 x MACs per image).
+device), and, measured in a child process per model per round with the chosen malloc, on
+the CPU or a CUDA GPU (`--device`): inference images/s, training images/s (forward,
+backward, AdamW step), the peak memory of training (RSS on the CPU,
+`torch.cuda.max_memory_allocated` on CUDA), and the share of the machine's dense matmul
+rate that the model's conv and linear FLOPs reach (inference 2 x MACs per image,
+training 6 x MACs per image).
 Models are interleaved over rounds (each round runs every model once, in a rotated
 order) so that drift of the machine hits all alike; the table gives the median over
 rounds with the min-max range.
@@ -40,9 +42,11 @@ from quadranet.bench.runner import (
     Panel,
     Stats,
     allocator_env,
+    check_device,
     machine_info,
     progress,
     ratio,
+    synchronizer,
     time_fn,
     track_peak_memory,
     write_report,
@@ -61,6 +65,7 @@ REFERENCES = ("hornet_t", REFERENCE_NAME)  # ratio columns, when these models ar
 PRECISIONS = ("fp32", "bf16")
 GEMM = "GEMM"  # the matmul-rate measurement, run in each round like a model
 GEMM_TARGET = "quadranet.bench.runner:matmul_gflops"
+CUDA_INFO = ("device_name", "matmul_allow_tf32", "cudnn_allow_tf32")  # from the GEMM job
 MiB = 2**20
 SETTLE = 4  # extra warm-up calls allowed while the allocator still grows (see `time_fn`)
 
@@ -112,30 +117,33 @@ def measure_model(
     settle: int = SETTLE,
     infer_gemms: Sequence[tuple[tuple[int, int, int, int], int]] = (),
     train_gemms: Sequence[tuple[tuple[int, int, int, int], int]] = (),
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Training then inference speed of one model, the peak RSS of training, and the time
-    its matrix products alone take in this process (a child job).
+    """Training then inference speed of one model on `device`, the peak memory of training,
+    and the time its matrix products alone take in this process (a child job).
 
     Training runs first so that its peak is measured before inference has used any memory.
     """
     torch.manual_seed(0)
     warmup = max(warmup, 1 if compile else 0)  # compilation happens in the warm-up calls
-    model = build_model(name)
+    dev = torch.device(device)
+    sync = synchronizer(dev)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = build_model(name).to(dev, memory_format=memory_format)
     run = torch.compile(model, dynamic=False) if compile else model
 
     def autocast() -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def images(n: int) -> torch.Tensor:
-        return torch.randn(n, 3, img_size, img_size).contiguous(memory_format=memory_format)
+        x = torch.randn(n, 3, img_size, img_size, device=dev)
+        return x.contiguous(memory_format=memory_format)
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     x_train = images(train_batch)
     num_classes = getattr(model, "num_classes", 0) or 1000
-    target = torch.randint(0, num_classes, (train_batch,))
+    target = torch.randint(0, num_classes, (train_batch,), device=dev)
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -144,8 +152,8 @@ def measure_model(
         loss.backward()
         optimizer.step()
 
-    with track_peak_memory("cpu") as peak:
-        train = time_fn(train_step, warmup, repeats, settle=settle)
+    with track_peak_memory(dev) as peak:
+        train = time_fn(train_step, warmup, repeats, sync, settle=settle)
     model.zero_grad(set_to_none=True)
 
     model.eval()
@@ -155,11 +163,11 @@ def measure_model(
         with torch.no_grad(), autocast():
             run(x_infer)
 
-    infer = time_fn(infer_step, warmup, repeats, settle=settle)
+    infer = time_fn(infer_step, warmup, repeats, sync, settle=settle)
     gemm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return dict(
-        infer_gemm_s=gemm_seconds(infer_gemms, gemm_dtype),
-        train_gemm_s=gemm_seconds(train_gemms, gemm_dtype),
+        infer_gemm_s=gemm_seconds(infer_gemms, gemm_dtype, device=dev),
+        train_gemm_s=gemm_seconds(train_gemms, gemm_dtype, device=dev),
         infer_ips=batch / infer.median,
         train_ips=train_batch / train.median,
         batch=batch,
@@ -168,6 +176,7 @@ def measure_model(
         train_s=train.as_dict(),
         peak_train_bytes=peak.bytes,
         threads=torch.get_num_threads(),
+        device=str(dev),
     )
 
 
@@ -186,6 +195,7 @@ def run_throughput_bench(
     allocator: str = "retained",
     gemm_size: int = GEMM_SIZE,
     settle: int = SETTLE,
+    device: str = "cpu",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Table rows (one per model) and the raw per-round measurements."""
     if precision not in PRECISIONS:
@@ -197,6 +207,7 @@ def run_throughput_bench(
     if len(set(models)) != len(models) or not models:
         raise ValueError(f"--models needs distinct names, got {list(models)}")
     allocator_env(allocator)  # a missing jemalloc fails here, before any work
+    device = check_device(device)  # so does a missing GPU
     job = dict(
         img_size=img_size,
         batch=batch,
@@ -207,6 +218,7 @@ def run_throughput_bench(
         warmup=warmup,
         repeats=repeats,
         settle=settle,
+        device=device,
     )
     gemm_dtype = "bfloat16" if precision == "bf16" else "float32"
     items = [GEMM, *models]
@@ -224,7 +236,8 @@ def run_throughput_bench(
                     f"({time.perf_counter() - start:.0f}s elapsed)"
                 )
                 if item == GEMM:
-                    target, kwargs = GEMM_TARGET, dict(size=gemm_size, dtype=gemm_dtype)
+                    target = GEMM_TARGET
+                    kwargs = dict(size=gemm_size, dtype=gemm_dtype, device=device)
                 else:
                     gemms = {k: costs[item][k] for k in ("infer_gemms", "train_gemms")}
                     target = f"{__name__}:measure_model"
@@ -233,7 +246,11 @@ def run_throughput_bench(
     gemm = Stats.of([g["gflops"] for g in raw[GEMM]])
     rows = [_row(name, costs[name], raw[name], gemm.median) for name in models]
     _add_ratios(rows)
-    return rows, dict(gemm=gemm.as_dict(), gemm_dtype=gemm_dtype, rounds=raw, costs=costs)
+    # the GPU's name and TF32 settings, read in a job (this process starts no CUDA)
+    cuda = {k: raw[GEMM][0][k] for k in CUDA_INFO if k in raw[GEMM][0]}
+    return rows, dict(
+        gemm=gemm.as_dict(), gemm_dtype=gemm_dtype, device=device, **cuda, rounds=raw, costs=costs
+    )
 
 
 def _row(
@@ -286,9 +303,17 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
                 r[f"{metric}_vs_{ref}"] = ratio(r[metric], by_model[ref][metric])
 
 
-def _columns(rows: list[dict[str, Any]], gemm_dtype: str) -> tuple[list[Column], list[str]]:
+def _peak_name(device: str) -> str:
+    """What the peak-memory column measures: the child's RSS, or CUDA allocations."""
+    return "RSS" if device == "cpu" else "memory"
+
+
+def _columns(
+    rows: list[dict[str, Any]], gemm_dtype: str, device: str = "cpu"
+) -> tuple[list[Column], list[str]]:
     """Markdown columns and CSV keys (the CSV keeps raw numbers, no display strings)."""
     gemm = "fp32" if gemm_dtype == "float32" else "bf16"
+    peak = _peak_name(device)
     cols = [
         Column("model", "model"),
         Column("params_m", "params (M)", "{:.2f}"),
@@ -296,13 +321,13 @@ def _columns(rows: list[dict[str, Any]], gemm_dtype: str) -> tuple[list[Column],
         Column("infer_display", "inference img/s", align="right"),
         Column("train_display", "training img/s", align="right"),
         Column("act_mib_per_img", "saved act. (MiB/img)", "{:.1f}"),
-        Column("peak_train_mib", "peak train RSS (MiB)", "{:,.0f}"),
+        Column("peak_train_mib", f"peak train {peak} (MiB)", "{:,.0f}"),
         Column("infer_gemm_pct", f"inference % of {gemm} GEMM", "{:.0f}%"),
         Column("train_gemm_pct", f"training % of {gemm} GEMM", "{:.0f}%"),
         Column("infer_matmul_pct", "inference % of own-shape matmul", "{:.0f}%"),
         Column("train_matmul_pct", "training % of own-shape matmul", "{:.0f}%"),
     ]
-    short = dict(infer_ips="inference", train_ips="training", peak_train_mib="peak RSS")
+    short = dict(infer_ips="inference", train_ips="training", peak_train_mib=f"peak {peak}")
     present = [ref for ref in REFERENCES if any(r["model"] == ref for r in rows)]
     ratio_cols = [
         Column(f"{m}_vs_{ref}", f"{short[m]} / {ref}", "{:.2f}x")
@@ -329,7 +354,7 @@ def _columns(rows: list[dict[str, Any]], gemm_dtype: str) -> tuple[list[Column],
     return cols + ratio_cols, csv_keys
 
 
-def _panels(rows: list[dict[str, Any]]) -> list[Panel]:
+def _panels(rows: list[dict[str, Any]], device: str = "cpu") -> list[Panel]:
     names = [r["model"] for r in rows]
 
     def speed(metric: str, title: str) -> Panel:
@@ -341,7 +366,12 @@ def _panels(rows: list[dict[str, Any]]) -> list[Panel]:
     return [
         speed("infer_ips", "inference (min-max over rounds)"),
         speed("train_ips", "training (min-max over rounds)"),
-        Panel("peak training RSS", "MiB", names, {"": [r["peak_train_mib"] for r in rows]}),
+        Panel(
+            f"peak training {_peak_name(device)}",
+            "MiB",
+            names,
+            {"": [r["peak_train_mib"] for r in rows]},
+        ),
         Panel("saved activations", "MiB/image", names, {"": [r["act_mib_per_img"] for r in rows]}),
     ]
 
@@ -363,14 +393,30 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         allocator=args.allocator,
         gemm_size=args.gemm_size,
         settle=args.settle,
+        device=args.device,
     )
     gemm = raw["gemm"]
+    device = raw["device"]
     layout = "channels-last" if args.channels_last else "NCHW"
+    if device == "cpu":
+        peak_note = (
+            "peak train RSS: high-water mark of the child's RSS during training above its RSS "
+            "before the first step (weights, gradients, AdamW state and activations)"
+        )
+        machine = machine_info(threads, args.allocator)
+    else:
+        peak_note = (
+            "peak train memory: torch.cuda.max_memory_allocated above the memory allocated "
+            "before the first step (gradients, AdamW state and activations; the weights and "
+            "the batch were allocated before)"
+        )
+        machine = f"{raw['device_name']} ({device}), host {machine_info(threads, args.allocator)}"
     notes = [
         f"{args.img_size}x{args.img_size}, {args.precision}"
         + (" (torch.autocast bfloat16)" if args.precision == "bf16" else "")
         + f", {layout}"
-        + (", torch.compile (compile time excluded)" if args.compile else ", eager"),
+        + (", torch.compile (compile time excluded)" if args.compile else ", eager")
+        + f", on {device}",
         f"inference: batch {args.batch}; training (forward, backward, fused AdamW): batch "
         f"{args.train_batch}; each the median of {args.repeats} calls after {args.warmup} "
         f"warm-up (and up to {args.settle} more while a call still page-faults over "
@@ -379,8 +425,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         "img/s: median over rounds (min–max)",
         "GMACs: conv + linear (+ attention matmul) multiply-accumulates per image; saved act.: "
         "bytes autograd keeps for backward per image, fp32, parameters excluded",
-        "peak train RSS: high-water mark of the child's RSS during training above its RSS "
-        "before the first step (weights, gradients, AdamW state and activations)",
+        peak_note,
         f"% of GEMM: model FLOP/s (2 x MACs per inference image, 6 x MACs per training image) "
         f"/ the {raw['gemm_dtype']} {args.gemm_size}^3 matmul rate measured "
         f"in the same setting each round: {gemm['median']:.1f} GFLOP/s "
@@ -390,12 +435,19 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         "gradients) take alone at their exact shapes, timed in the same child right after the "
         "model, as a share of the model's time: the fraction of the machine's matmul rate, "
         "at the shapes this model needs, that the model reaches (median over rounds)",
-        f"machine: {machine_info(threads, args.allocator)}",
+        f"machine: {machine}",
     ]
-    columns, csv_keys = _columns(rows, raw["gemm_dtype"])
+    if device != "cpu":
+        notes.append(
+            "CUDA: torch's defaults left as they are: "
+            f"torch.backends.cuda.matmul.allow_tf32={raw['matmul_allow_tf32']} (False: fp32 "
+            f"matmuls in full fp32), torch.backends.cudnn.allow_tf32={raw['cudnn_allow_tf32']} "
+            "(True: fp32 convolutions may use TF32); time read after torch.cuda.synchronize"
+        )
+    columns, csv_keys = _columns(rows, raw["gemm_dtype"], device)
     title = "Model throughput and training memory (QuadraNet paper, Table I)"
     paths = write_report(
-        args.output, "throughput", title, notes, rows, columns, csv_keys, _panels(rows)
+        args.output, "throughput", title, notes, rows, columns, csv_keys, _panels(rows, device)
     )
     paths["json"] = Path(args.output) / "throughput_rounds.json"
     paths["json"].write_text(json.dumps(dict(settings=vars_json(args), **raw), indent=1))
@@ -430,7 +482,18 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=224, help="input side")
     p.add_argument("--batch", type=int, default=32, help="inference batch")
     p.add_argument("--train-batch", type=int, default=16, help="training batch")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: CPU autocast")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="bf16: torch.autocast to bfloat16 on the device (the GEMM timed in bf16 too)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models and GEMMs run: cpu, cuda or cuda:N (peak memory is then "
+        "torch.cuda.max_memory_allocated instead of RSS)",
+    )
     p.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,

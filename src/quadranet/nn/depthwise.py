@@ -11,13 +11,16 @@ Backward (g = dL/dy, a = Wa * x + ba, b = Wb * x + bb):
     dL/d[Wa, Wb, Wc] = corr(x, [g * b, g * a, g])   (one fused weight-gradient call)
 
 Float32 channels-last CPU tensors with stride 1 and 'same' padding run the C++ kernels of
-`quadranet.nn.ext` instead (one pass for y = a * b + c, one for all gradients); any other
-input, or `QUADRANET_CPU_KERNELS=0`, keeps the oneDNN path above.
+`quadranet.nn.ext` instead (one pass for y = a * b + c, one for all gradients); channels-last
+CUDA tensors (float32, bfloat16, float16) run the Triton kernels of
+`quadranet.nn.triton_kernels` with the same interface. Any other input, or
+`QUADRANET_CPU_KERNELS=0` / `QUADRANET_TRITON=0`, keeps the oneDNN / cuDNN path above.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -57,15 +60,40 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def _kernel_ops(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_args: ConvArgs
 ) -> object | None:
-    """The CPU kernel ops when they apply to this call (see the module docstring), else None."""
+    """The kernel ops (C++ on CPU, Triton on CUDA) when they apply to this call, else None."""
     stride, padding, dilation = conv_args
     k = weight.shape[-1]
     same = k % 2 == 1 and weight.shape[-2] == k and padding == (k // 2, k // 2)
     if x.dim() != 4 or not same or stride != (1, 1) or dilation != (1, 1):
         return None
-    if not (ext.usable(x, weight, bias) and x.is_contiguous(memory_format=torch.channels_last)):
+    if not x.is_contiguous(memory_format=torch.channels_last):
         return None
-    return ext.kernels()
+    if ext.usable(x, weight, bias):
+        ops = ext.kernels()
+        if ops is not None:
+            return ops
+    return triton_ops(x, weight, bias)
+
+
+TRITON_ENV_VAR = "QUADRANET_TRITON"
+TRITON_DEVICES = ("cuda",)  # the tests add "cpu" to run the kernels in Triton's interpreter
+
+
+def triton_ops(*tensors: torch.Tensor | None) -> object | None:
+    """`quadranet.nn.triton_kernels` for eager float tensors on a GPU, when Triton imports;
+    None otherwise or with `QUADRANET_TRITON=0`."""
+    x = tensors[0]
+    if x.device.type not in TRITON_DEVICES or os.environ.get(TRITON_ENV_VAR, "") == "0":
+        return None
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return None
+    if any(t is not None and t.device != x.device for t in tensors):
+        return None
+    try:
+        from quadranet.nn import triton_kernels
+    except ImportError:  # no Triton for this platform: cuDNN / ATen path
+        return None
+    return triton_kernels if x.dtype in triton_kernels.DTYPES else None
 
 
 def branch_convs(
@@ -100,17 +128,24 @@ def quadratic_product(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = a * b + c of the depthwise branches, plus `residual` when given (one kernel pass,
-    residual included, where the kernels apply)."""
+    residual included, where the kernels apply). Under autocast the convs run in its dtype."""
+    dtype = compute_dtype(x)
+    if dtype != x.dtype:
+        with no_autocast(x):
+            y = quadratic_product(x.to(dtype), weight.to(dtype), cast(bias, dtype), conv_args)
+        return y if residual is None else residual + y
     ops = _kernel_ops(x, weight, bias, conv_args)
-    if ops is not None and (
-        residual is None
-        or (ext.usable(residual) and residual.is_contiguous(memory_format=torch.channels_last))
-    ):
-        w = weight.contiguous()
-        return ops.quadratic_forward(x, w, bias, True, False, False, False, residual)[0]
-    a, b, c = branch_convs(x, weight, bias, conv_args)
-    y = torch.addcmul(c, a, b)
-    return y if residual is None else residual + y
+    if ops is None:
+        a, b, c = branch_convs(x, weight, bias, conv_args)
+        y = torch.addcmul(c, a, b)
+        return y if residual is None else residual + y
+    fuse = residual is not None and (
+        (residual.shape, residual.dtype, residual.device) == (x.shape, x.dtype, x.device)
+        and residual.is_contiguous(memory_format=torch.channels_last)
+    )
+    w = weight.contiguous()
+    y = ops.quadratic_forward(x, w, bias, True, False, False, False, residual if fuse else None)[0]
+    return y if residual is None or fuse else residual + y
 
 
 def _interleave(ga: torch.Tensor, gb: torch.Tensor, gc: torch.Tensor) -> torch.Tensor:
@@ -133,7 +168,7 @@ def depthwise_quadratic_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (x, fused weight, fused bias) of a * b + c, given a, b and dL/dy."""
     ops = _kernel_ops(x, weight, bias, conv_args)
-    if ops is not None and ext.usable(a, b, grad):
+    if ops is not None and all((t.device, t.dtype) == (x.device, x.dtype) for t in (a, b, grad)):
         want = (needs[0], needs[1], needs[2] and bias is not None)
         outs = iter(ops.quadratic_backward(x, weight.contiguous(), a, b, grad, *want))
         return tuple(next(outs) if w else None for w in want)

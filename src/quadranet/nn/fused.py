@@ -47,6 +47,12 @@ def _nchw(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2)
 
 
+def _ln_input(x: torch.Tensor, ln_w: torch.Tensor | None) -> torch.Tensor:
+    """x in the LayerNorm weight's dtype: CUDA's LayerNorm takes no mixed dtypes (a bf16
+    map from autocast with float32 weights); the CPU's computes in float32 all the same."""
+    return x if ln_w is None or ln_w.dtype == x.dtype else x.to(ln_w.dtype)
+
+
 class _QuadraticMixerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, conv_w, conv_b, gamma, eps, padding):  # noqa: D102
@@ -54,7 +60,7 @@ class _QuadraticMixerFn(torch.autograd.Function):
         dtype = compute_dtype(x)  # the conv's dtype; LayerNorm statistics stay in x's
         conv_args = ((1, 1), _pair(padding), (1, 1))
         with no_autocast(x):
-            n, mean, rstd = aten.native_layer_norm(_nhwc(x), [c], ln_w, ln_b, eps)
+            n, mean, rstd = aten.native_layer_norm(_ln_input(_nhwc(x), ln_w), [c], ln_w, ln_b, eps)
             w, b = conv_w, conv_b
             if gamma is not None:  # gamma * (a * b + c) = (gamma a) * b + gamma c
                 scale = torch.stack((gamma, torch.ones_like(gamma), gamma), 1).view(-1)
@@ -74,7 +80,7 @@ class _QuadraticMixerFn(torch.autograd.Function):
         eps, conv_args, dtype = ctx.args
         need = ctx.needs_input_grad
         c = x.shape[1]
-        x_nhwc = _nhwc(x)
+        x_nhwc = _ln_input(_nhwc(x), ln_w)
         n = _nchw(F.layer_norm(x_nhwc, (c,), ln_w, ln_b, eps)).to(dtype)
         w, b = conv_w.to(dtype), cast(conv_b, dtype)
         grad = grad.to(dtype)
@@ -105,7 +111,7 @@ class _QuadraticMixerFn(torch.autograd.Function):
             )
             grad_cb = None if grad_cb is None else grad_cb * scale.repeat_interleave(3)
         grad_x, grad_lw, grad_lb = aten.native_layer_norm_backward(
-            _nhwc(grad_n).to(x.dtype),
+            _nhwc(grad_n).to(x_nhwc.dtype),
             x_nhwc,
             [c],
             mean,
@@ -114,7 +120,7 @@ class _QuadraticMixerFn(torch.autograd.Function):
             ln_b,
             [need[0], ln_w is not None, ln_b is not None],
         )
-        grad_x = None if grad_x is None else _nchw(grad_x)
+        grad_x = None if grad_x is None else _nchw(grad_x).to(x.dtype)
         grad_cw = cast(grad_cw, conv_w.dtype) if need[3] else None
         grad_cb = cast(grad_cb, conv_b.dtype) if need[4] else None
         return grad_x, grad_lw, grad_lb, grad_cw, grad_cb, grad_gamma, None, None
@@ -145,7 +151,7 @@ class _ChannelMlpFn(torch.autograd.Function):
         c = x.shape[-1]
         dtype = compute_dtype(x)  # the matmuls' dtype; LayerNorm statistics stay in x's
         with no_autocast(x):
-            n, mean, rstd = aten.native_layer_norm(x, [c], ln_w, ln_b, eps)
+            n, mean, rstd = aten.native_layer_norm(_ln_input(x, ln_w), [c], ln_w, ln_b, eps)
             u = F.linear(n.to(dtype), w1.to(dtype), cast(b1, dtype))
             w2s, b2s = w2, b2
             if gamma is not None:  # layer scale folded into fc2: no pass over the output
@@ -186,14 +192,16 @@ class _ChannelMlpFn(torch.autograd.Function):
         del m
         if grad_u is None:
             grad_u = aten.gelu_backward(g @ w2s, u2)
-        n = F.layer_norm(x, (c,), ln_w, ln_b, ctx.eps).reshape(-1, c).to(dtype)
+        x_ln = _ln_input(x, ln_w)
+        n = F.layer_norm(x_ln, (c,), ln_w, ln_b, ctx.eps).reshape(-1, c).to(dtype)
         grad_w1 = grad_u.t() @ n
         grad_b1 = grad_u.sum(0, dtype=_acc(dtype))
-        grad_n = (grad_u @ w1.to(dtype)).reshape(x.shape).to(x.dtype)
+        grad_n = (grad_u @ w1.to(dtype)).reshape(x.shape).to(x_ln.dtype)
         del grad_u, n
         grad_x, grad_lw, grad_lb = aten.native_layer_norm_backward(
-            grad_n, x, [c], mean, rstd, ln_w, ln_b, [need[0], ln_w is not None, ln_b is not None]
+            grad_n, x_ln, [c], mean, rstd, ln_w, ln_b, [need[0], ln_w is not None, ln_b is not None]
         )
+        grad_x = None if grad_x is None else grad_x.to(x.dtype)
         return (
             grad_x,
             grad_lw,

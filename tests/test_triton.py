@@ -1,0 +1,242 @@
+"""Triton kernels of the depthwise quadratic conv: parity with float64 references and with
+the PyTorch path, dispatch, and half precision.
+
+On a CUDA machine the kernels are compiled and run on the GPU. Without one (CI) the same
+tests run them on CPU tensors in Triton's interpreter (`TRITON_INTERPRET=1` while this
+module's tests run), so the kernels' indexing, masking and sums are checked everywhere.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quadranet.blocks import QuadraBlock
+from quadranet.nn import depthwise, ext
+
+pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+CL = torch.channels_last
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernels run directly here")
+@pytest.mark.filterwarnings("ignore")
+def test_kernels_in_triton_interpreter():
+    """Without a GPU, run this module's tests again in a process with Triton's interpreter
+    on (it must be set before Triton is first imported)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-o",
+        "addopts=",
+        "-p",
+        "no:cacheprovider",
+        __file__,
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+@pytest.fixture(scope="module")
+def tk():
+    """The kernels module (compiled on a GPU, interpreted on CPU)."""
+    if not (CUDA or INTERPRETED):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (test_kernels_in_triton_interpreter)")
+    return importlib.import_module("quadranet.nn.triton_kernels")
+
+
+@pytest.fixture
+def triton_path(tk, monkeypatch):
+    """Dispatch the model's quadratic convs to the kernels on DEVICE; returns the calls made."""
+    calls = []
+    for name in ("quadratic_forward", "quadratic_backward"):
+        fn = getattr(tk, name)
+        monkeypatch.setattr(tk, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    monkeypatch.setattr(depthwise, "TRITON_DEVICES", (DEVICE.type,))
+    monkeypatch.delenv(depthwise.TRITON_ENV_VAR, raising=False)
+    with ext.cpu_kernels(False):
+        yield calls
+
+
+def inputs(n, c, h, w, k, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+    weight = torch.randn(3 * c, 1, k, k, generator=gen, dtype=dtype) / k
+    bias = torch.randn(3 * c, generator=gen, dtype=dtype)
+    grad = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+    return x, weight, bias, grad
+
+
+def branches(x, weight, bias):
+    """a, b, c by three float64 depthwise convs (the definition)."""
+    c, k = x.shape[1], weight.shape[-1]
+    w, b = weight.view(c, 3, 1, k, k), bias.view(c, 3)
+    return [F.conv2d(x, w[:, i], b[:, i], padding=k // 2, groups=c) for i in range(3)]
+
+
+def on_device(t, dtype=torch.float32):
+    return t.to(DEVICE, dtype).contiguous(memory_format=CL) if t.dim() == 4 else t.to(DEVICE, dtype)
+
+
+def close(actual, expected, rtol=1e-5):
+    """Agreement relative to the reference's scale (sums run in another order)."""
+    expected = expected.to(torch.float64)
+    scale = expected.abs().max().item() + 1e-12
+    torch.testing.assert_close(actual.cpu().double(), expected.cpu(), rtol=rtol, atol=rtol * scale)
+
+
+SHAPES = [  # n, c, h, w, k: partial tiles, two channel blocks, k = 3 ... 9
+    (1, 1, 1, 1, 3),
+    (2, 5, 9, 11, 7),
+    (1, 40, 5, 17, 3),
+    (1, 8, 8, 8, 5),
+    (1, 6, 4, 3, 9),
+]
+IDS = ["x".join(map(str, s)) for s in SHAPES]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_forward_matches_three_convs(tk, shape):
+    x, weight, bias, residual = inputs(*shape)
+    a, b, c = branches(x, weight, bias)
+    args = [on_device(t) for t in (x, weight, bias)]
+    y, ya, yb, yc = tk.quadratic_forward(*args, True, True, True, True)
+    for got, want in zip((y, ya, yb, yc), (a * b + c, a, b, c), strict=True):
+        assert got.shape == x.shape and got.is_contiguous(memory_format=CL)
+        close(got, want)
+    (y_res,) = tk.quadratic_forward(*args, True, False, False, False, on_device(residual))
+    close(y_res, residual + a * b + c)
+    (only_b,) = tk.quadratic_forward(args[0], args[1], None, False, False, True, False)
+    close(only_b, branches(x, weight, torch.zeros_like(bias))[1])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_backward_matches_autograd(tk, shape):
+    x, weight, bias, grad = inputs(*shape, seed=1)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    a, b, c = branches(*leaves)
+    expected = torch.autograd.grad(a * b + c, leaves, grad)
+    a, b = a.detach(), b.detach()
+    args = [on_device(t) for t in (x, weight, a, b, grad)]
+    got = tk.quadratic_backward(*args, True, True, True)
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape
+        close(g, e)
+    # any subset of the gradients, in the order [dx, dweight, dbias]
+    for needs in [(True, False, False), (False, True, False), (False, False, True)]:
+        (g,) = tk.quadratic_backward(*args, *needs)
+        close(g, expected[needs.index(True)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keeps_dtypes_and_sums_in_float32(tk, dtype):
+    x, weight, bias, grad = inputs(2, 12, 9, 9, 7, seed=2)
+    x, weight, bias, grad = (t.to(dtype).double() for t in (x, weight, bias, grad))
+    a, b, c = branches(x, weight, bias)
+    y, ya, yb = tk.quadratic_forward(
+        *(on_device(t, dtype) for t in (x, weight, bias)), True, True, True, False
+    )
+    assert y.dtype == ya.dtype == dtype
+    close(y, a * b + c, rtol=1e-2)  # one rounding of the output
+    dx, dw, db = tk.quadratic_backward(
+        *(on_device(t, dtype) for t in (x, weight)),
+        ya,
+        yb,
+        on_device(grad, dtype),
+        True,
+        True,
+        True,
+    )
+    assert dx.dtype == dw.dtype == db.dtype == dtype
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    a, b, c = branches(*leaves)
+    expected = torch.autograd.grad(a * b + c, leaves, grad)
+    for got, want in zip((dx, dw, db), expected, strict=True):
+        close(got, want, rtol=3e-2)  # ga, gb and a, b are rounded to the half type
+
+
+def test_empty_batch_and_bad_input(tk):
+    x, weight, bias, grad = (on_device(t) for t in inputs(0, 5, 4, 4, 3))
+    y, a, b = tk.quadratic_forward(x, weight, bias, True, True, True, False)
+    assert y.shape == x.shape
+    dx, dw, db = tk.quadratic_backward(x, weight, a, b, grad, True, True, True)
+    assert dx.shape == x.shape and not dw.any() and not db.any()
+    nchw = torch.randn(1, 5, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="channels-last"):
+        tk.quadratic_forward(nchw, weight, bias, True, False, False, False)
+    with pytest.raises(ValueError, match="odd k"):
+        tk.quadratic_forward(x, weight[:, :, :2, :2], None, True, False, False, False)
+
+
+def block_step(block, x, grad):
+    x = x.clone().requires_grad_()
+    y = block(x)
+    y.backward(grad)
+    grads = [x.grad] + [p.grad for p in block.parameters()]
+    block.zero_grad(set_to_none=True)
+    return [y.detach(), *grads]
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_block_matches_pytorch_path(triton_path, memory_efficient):
+    """A QuadraBlock's training step and inference through the kernels match PyTorch's ops."""
+    torch.manual_seed(0)
+    block = QuadraBlock(16, layer_scale_init=0.5, memory_efficient=memory_efficient)
+    block = block.to(DEVICE).to(memory_format=CL)
+    x = torch.randn(2, 16, 9, 10, device=DEVICE).contiguous(memory_format=CL)
+    grad = torch.randn_like(x)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(depthwise.TRITON_ENV_VAR, "0")
+        expected = block_step(block, x, grad)
+        block.eval()
+        with torch.no_grad():
+            expected_eval = block(x)
+        block.train()
+    assert not triton_path
+    actual = block_step(block, x, grad)
+    assert triton_path.count("quadratic_backward") == 1
+    for a, e in zip(actual, expected, strict=True):
+        close(a, e, rtol=1e-4)
+    block.eval()
+    with torch.no_grad():
+        close(block(x), expected_eval, rtol=1e-4)  # gamma folded, residual in the kernel pass
+
+
+def test_switch_off_and_other_devices(tk, monkeypatch):
+    x = torch.randn(1, 4, 5, 5, device=DEVICE).contiguous(memory_format=CL)
+    monkeypatch.setattr(depthwise, "TRITON_DEVICES", (DEVICE.type,))
+    assert depthwise.triton_ops(x) is tk
+    assert depthwise.triton_ops(x.double()) is None  # float64 keeps the PyTorch path
+    monkeypatch.setenv(depthwise.TRITON_ENV_VAR, "0")
+    assert depthwise.triton_ops(x) is None
+    monkeypatch.delenv(depthwise.TRITON_ENV_VAR)
+    monkeypatch.setattr(depthwise, "TRITON_DEVICES", ("cuda",))
+    assert depthwise.triton_ops(x.cpu()) is None
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_model_uses_kernels_under_bf16_autocast(triton_path):
+    from quadranet.models import create_model
+
+    model = create_model("quadranet25_xxs", num_classes=10, memory_efficient=True)
+    model = model.cuda().to(memory_format=CL)
+    x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=CL)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), torch.arange(4, device="cuda"))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert "quadratic_forward" in triton_path and "quadratic_backward" in triton_path
