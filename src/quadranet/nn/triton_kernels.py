@@ -20,6 +20,8 @@ set before Triton is imported), which is how the CPU test suite checks them.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -202,6 +204,11 @@ def _like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
+def _on(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """x's GPU as the current device while launching (Triton launches on the current one)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _grid(x: torch.Tensor) -> tuple[tuple[int, int], int]:
     n, c, h, w = x.shape
     tiles_w = triton.cdiv(w, TILE_W)
@@ -230,14 +237,15 @@ def quadratic_forward(
         grid, tiles_w = _grid(x)
         w, b = weight.detach().contiguous(), None if bias is None else bias.detach()
         dummy = outs[wanted.index(True)]  # never touched where its flag is off
-        _forward_kernel[grid](
-            x, w, w if b is None else b, dummy if residual is None else residual,
-            *(dummy if t is None else t for t in outs),
-            x.shape[2], x.shape[3], x.shape[1], tiles_w,
-            K=k, HAS_BIAS=b is not None, HAS_RES=residual is not None,
-            WANT_Y=want_y, WANT_A=want_a, WANT_B=want_b, WANT_C=want_c,
-            TH=TILE_H, TW=TILE_W, BC=BLOCK_C,
-        )  # fmt: skip
+        with _on(x):
+            _forward_kernel[grid](
+                x, w, w if b is None else b, dummy if residual is None else residual,
+                *(dummy if t is None else t for t in outs),
+                x.shape[2], x.shape[3], x.shape[1], tiles_w,
+                K=k, HAS_BIAS=b is not None, HAS_RES=residual is not None,
+                WANT_Y=want_y, WANT_A=want_a, WANT_B=want_b, WANT_C=want_c,
+                TH=TILE_H, TW=TILE_W, BC=BLOCK_C,
+            )  # fmt: skip
     return [t for t in outs if t is not None]
 
 
@@ -267,26 +275,25 @@ def quadratic_backward(
     if x.numel() > 0 and (need_dx or want_sums):
         grid, tiles_w = _grid(x)
         dummy = x  # never touched where its flag is off
-        _backward_sums_kernel[(bands, grid[1])](
-            x, a, b, grad,
-            dummy if ga is None else ga, dummy if gb is None else gb,
-            dummy if dw_parts is None else dw_parts, dummy if db_parts is None else db_parts,
-            h, w_, c, tiles_w,
-            K=k, STORE_G=need_dx, WANT_SUMS=want_sums, TH=TILE_H, TW=TILE_W, BC=BLOCK_C,
-        )  # fmt: skip
-        if need_dx:
-            dx = _like(x)
-            _backward_input_kernel[grid](
-                ga, gb, grad, weight.detach().contiguous(), dx, h, w_, c, tiles_w,
-                K=k, TH=TILE_H, TW=TILE_W, BC=BLOCK_C,
+        with _on(x):
+            _backward_sums_kernel[(bands, grid[1])](
+                x, a, b, grad,
+                dummy if ga is None else ga, dummy if gb is None else gb,
+                dummy if dw_parts is None else dw_parts, dummy if db_parts is None else db_parts,
+                h, w_, c, tiles_w,
+                K=k, STORE_G=need_dx, WANT_SUMS=want_sums, TH=TILE_H, TW=TILE_W, BC=BLOCK_C,
             )  # fmt: skip
-            outs.append(dx)
+            if need_dx:
+                dx = _like(x)
+                _backward_input_kernel[grid](
+                    ga, gb, grad, weight.detach().contiguous(), dx, h, w_, c, tiles_w,
+                    K=k, TH=TILE_H, TW=TILE_W, BC=BLOCK_C,
+                )  # fmt: skip
+                outs.append(dx)
     elif need_dx:
         outs.append(torch.zeros_like(x, memory_format=cl))
-    if need_dw:
-        sums = dw_parts.sum(0) if dw_parts is not None and x.numel() else x.new_zeros(k * k, 3, c)
-        outs.append(sums.permute(2, 1, 0).reshape(weight.shape).to(weight.dtype))
+    if need_dw:  # (bands, k * k, 3, C) -> fused (3C, 1, k, k); no bands sum to zeros
+        outs.append(dw_parts.sum(0).permute(2, 1, 0).reshape(weight.shape).to(weight.dtype))
     if need_db:
-        sums = db_parts.sum(0) if db_parts is not None and x.numel() else x.new_zeros(3, c)
-        outs.append(sums.t().reshape(-1).to(weight.dtype))
+        outs.append(db_parts.sum(0).t().reshape(-1).to(weight.dtype))
     return outs
