@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -37,18 +37,9 @@ CL = torch.channels_last
 ARGS = ((1, 1), (KERNEL // 2, KERNEL // 2), (1, 1))
 
 
-@contextmanager
-def triton_enabled(on: bool):
+def triton_enabled(on: bool) -> mock._patch:
     """Dispatch the quadratic conv to the Triton kernels (on) or to cuDNN / ATen (off)."""
-    previous = os.environ.get(TRITON_ENV_VAR)
-    os.environ[TRITON_ENV_VAR] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[TRITON_ENV_VAR]
-        else:
-            os.environ[TRITON_ENV_VAR] = previous
+    return mock.patch.dict(os.environ, {TRITON_ENV_VAR: "1" if on else "0"})
 
 
 def bench(fn: Callable[[], Any]) -> float:

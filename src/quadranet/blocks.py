@@ -19,7 +19,7 @@ from torch import nn
 from quadranet.nn import LayerNorm2d, QuadraticConv2d, quadratic_conv2d
 from quadranet.nn.depthwise import quadratic_product
 from quadranet.nn.ext import gelu_kernel
-from quadranet.nn.fused import channel_mlp, quadratic_mixer
+from quadranet.nn.fused import channel_mlp, fold_layer_scale, quadratic_mixer
 
 LN_EPS = 1e-6
 
@@ -158,12 +158,8 @@ class QuadraBlock(MixerBlock):
         self.memory_efficient = memory_efficient
 
     def _folded_mixer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The mixer's weight and bias with gamma1 folded in (inference):
-        gamma * (a * b + c) = (gamma a) * b + gamma c."""
-        m = self.mixer
-        scale = torch.stack((self.gamma1, torch.ones_like(self.gamma1), self.gamma1), 1).view(-1)
-        bias = None if m.bias is None else m.bias * scale
-        return m.weight * scale.view(-1, 1, 1, 1), bias
+        """The mixer's weight and bias with gamma1 folded in (inference)."""
+        return fold_layer_scale(self.mixer.weight, self.mixer.bias, self.gamma1)
 
     def spatial_residual(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mixer

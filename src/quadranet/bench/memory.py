@@ -33,6 +33,7 @@ from quadranet.bench.runner import (
     Panel,
     allocator_env,
     available_memory,
+    check_device,
     choice_list,
     int_list,
     machine_info,
@@ -94,8 +95,7 @@ def _training_step(
     row: str, dim: int, depth: int, batch: int, img_size: int, device: str
 ) -> Callable[[], None]:
     """A training step (forward, backward, AdamW) of a freshly built stack and input."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    device = check_device(device)
     torch.manual_seed(0)
     stack = build_stack(row, dim, depth, img_size).to(device)
     optimizer = torch.optim.AdamW(stack.parameters(), lr=1e-4)

@@ -53,6 +53,15 @@ def _ln_input(x: torch.Tensor, ln_w: torch.Tensor | None) -> torch.Tensor:
     return x if ln_w is None or ln_w.dtype == x.dtype else x.to(ln_w.dtype)
 
 
+def fold_layer_scale(
+    weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused quadratic conv's weight and bias with the layer scale folded in:
+    gamma * (a * b + c) = (gamma a) * b + gamma c (branches a and c of each channel)."""
+    scale = torch.stack((gamma, torch.ones_like(gamma), gamma), 1).view(-1)
+    return weight * scale.view(-1, 1, 1, 1), None if bias is None else bias * scale
+
+
 class _QuadraticMixerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, conv_w, conv_b, gamma, eps, padding):  # noqa: D102
@@ -62,9 +71,8 @@ class _QuadraticMixerFn(torch.autograd.Function):
         with no_autocast(x):
             n, mean, rstd = aten.native_layer_norm(_ln_input(_nhwc(x), ln_w), [c], ln_w, ln_b, eps)
             w, b = conv_w, conv_b
-            if gamma is not None:  # gamma * (a * b + c) = (gamma a) * b + gamma c
-                scale = torch.stack((gamma, torch.ones_like(gamma), gamma), 1).view(-1)
-                w, b = w * scale.view(-1, 1, 1, 1), None if b is None else b * scale
+            if gamma is not None:
+                w, b = fold_layer_scale(w, b, gamma)
             # grad mode is off inside forward: the plain (or C++ kernel) forward runs
             out = depthwise_quadratic_conv2d(
                 _nchw(n).to(dtype), w.to(dtype), cast(b, dtype), padding=conv_args[1]
