@@ -80,6 +80,7 @@ SHAPES = [  # n, c, h, w, k
     (1, 13, 11, 10, 7),
     (3, 64, 6, 5, 7),
     (1, 20, 3, 2, 9),
+    (2, 9, 10, 27, 7),  # two input-gradient column strips, the last narrower than a tile
 ]
 
 
@@ -195,10 +196,13 @@ def test_inplace_gelu_matches_float64(ops):
     expected = F.gelu(u.double())
     out = u.clone()
     assert ops.gelu_(out).data_ptr() == out.data_ptr()
+    fresh = ops.gelu(u)  # the same approximation into a new tensor (training forward)
+    assert fresh.data_ptr() != u.data_ptr() and torch.equal(fresh, out)
     err = (out.double() - expected).abs()
     assert (err <= 1e-6 * u.double().abs().clamp_min(1.0)).all(), err.max()
-    with pytest.raises(RuntimeError, match="contiguous float32"):
-        ops.gelu_(u.double())
+    for op in (ops.gelu_, ops.gelu):
+        with pytest.raises(RuntimeError, match="contiguous float32"):
+            op(u.double())
 
 
 def test_channel_mlp_inference_uses_the_inplace_gelu(spy):
@@ -224,15 +228,31 @@ def test_gelu_and_grad_matches_float64(ops):
     u = torch.cat([u, torch.tensor([0.0, -0.0, 1e-30, 30.0, -30.0, 100.0, -100.0])])
     grad = torch.randn(u.shape, generator=gen)
     grad_u = grad.clone()
-    z = ops.gelu_and_grad(u, grad_u)
+    (z,) = ops.gelu_and_grad(u, grad_u)
     u64 = u.double()
     z64 = F.gelu(u64)
     d64 = torch.ops.aten.gelu_backward(grad.double(), u64)
     # erf to 1.5e-7 absolute (as ATen's vectorised GELU), so errors scale with |u|
     torch.testing.assert_close(z.double(), z64, rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(grad_u.double(), d64, rtol=1e-5, atol=2e-6)
-    empty = torch.empty(0)
-    assert ops.gelu_and_grad(empty, empty.clone()).numel() == 0
+    empty = torch.empty(0, 4)
+    assert ops.gelu_and_grad(empty, empty.clone())[0].numel() == 0
+    assert torch.equal(ops.gelu_and_grad(empty, empty.clone(), True)[1], torch.zeros(4))
+
+
+@pytest.mark.parametrize("cols", [13, 64])  # a partial vector per row; whole vectors
+def test_gelu_and_grad_column_sums(ops, cols):
+    """With want_sum, the bias gradient: the column sums of the new grad (rows over the
+    threads' chunks and several row blocks)."""
+    gen = torch.Generator().manual_seed(8)
+    u = torch.randn(3, 301, cols, generator=gen) * 3
+    grad = torch.randn(u.shape, generator=gen)
+    grad_u = grad.clone()
+    z, sums = ops.gelu_and_grad(u, grad_u, True)
+    d64 = torch.ops.aten.gelu_backward(grad.double(), u.double())
+    torch.testing.assert_close(grad_u.double(), d64, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(sums.double(), d64.sum((0, 1)), rtol=1e-5, atol=1e-4)
+    assert sums.shape == (cols,) and z.shape == u.shape
 
 
 @pytest.mark.parametrize("use_gamma", [True, False])
@@ -255,7 +275,7 @@ def test_channel_mlp_gelu_kernel_matches(spy, use_gamma):
     assert not spy.calls
     for a, e in zip(step(), expected, strict=True):
         close(a, e)
-    assert spy.calls == ["gelu_and_grad"]
+    assert spy.calls == ["gelu", "gelu_and_grad"]
 
 
 def grads_after_step(model, x, memory_efficient, enabled):

@@ -15,18 +15,21 @@ def rand(*shape, grad=True):
     return torch.randn(*shape, dtype=D, requires_grad=grad)
 
 
+@pytest.mark.parametrize("keep_branches", [False, True])
 @pytest.mark.parametrize("use_gamma", [True, False])
 @pytest.mark.parametrize("k", [3, 5])
-def test_quadratic_mixer_gradcheck(use_gamma, k):
+def test_quadratic_mixer_gradcheck(use_gamma, k, keep_branches):
     torch.manual_seed(0)
     c = 5
     args = [rand(2, c, 6, 6), rand(c), rand(c), rand(3 * c, 1, k, k), rand(3 * c)]
     args.append(rand(c) if use_gamma else None)
-    assert gradcheck(lambda *a: quadratic_mixer(*a, 1e-6, k // 2), tuple(args))
+    fn = lambda *a: quadratic_mixer(*a, 1e-6, k // 2, keep_branches)  # noqa: E731
+    assert gradcheck(fn, tuple(args))
 
 
+@pytest.mark.parametrize("keep_branches", [False, True])
 @pytest.mark.parametrize("frozen", ["conv_weight", "conv_bias", "gamma"])
-def test_quadratic_mixer_gradcheck_with_frozen_or_missing_parts(frozen):
+def test_quadratic_mixer_gradcheck_with_frozen_or_missing_parts(frozen, keep_branches):
     # layer-scale gradient without conv bias, and with conv weight or bias frozen
     torch.manual_seed(2)
     c = 4
@@ -36,7 +39,10 @@ def test_quadratic_mixer_gradcheck_with_frozen_or_missing_parts(frozen):
         b = None
     else:
         {"conv_weight": w, "gamma": gamma}[frozen].requires_grad_(False)
-    fn = lambda x, ln_w, ln_b, w, gamma: quadratic_mixer(x, ln_w, ln_b, w, b, gamma, 1e-6, 1)  # noqa: E731
+
+    def fn(x, ln_w, ln_b, w, gamma):
+        return quadratic_mixer(x, ln_w, ln_b, w, b, gamma, 1e-6, 1, keep_branches)
+
     assert gradcheck(fn, (x, ln_w, ln_b, w, gamma))
 
 
@@ -59,8 +65,9 @@ def _run_block(block, x, memory_efficient):
     return [out.detach(), xi.grad] + [p.grad.clone() for p in block.parameters()]
 
 
+@pytest.mark.parametrize("level", [True, "balanced"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_memory_efficient_block_equals_plain_autograd(channels_last):
+def test_memory_efficient_block_equals_plain_autograd(channels_last, level):
     torch.manual_seed(2)
     block = QuadraBlock(8, kernel_size=5, layer_scale_init=0.7).double()
     with torch.no_grad():  # non-trivial parameters everywhere
@@ -70,9 +77,14 @@ def test_memory_efficient_block_equals_plain_autograd(channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     plain = _run_block(block, x, False)
-    efficient = _run_block(block, x, True)
+    efficient = _run_block(block, x, level)
     for a, b in zip(plain, efficient):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_memory_efficient_level_is_checked():
+    with pytest.raises(ValueError, match="balanced"):
+        QuadraBlock(8, memory_efficient="fast")
 
 
 def test_memory_efficient_block_with_drop_path_matches():
@@ -95,9 +107,12 @@ def test_memory_efficient_block_saves_far_less():
     x = torch.randn(2, 32, 14, 14, requires_grad=True)
     plain = _saved(QuadraBlock(32), x)
     efficient = _saved(QuadraBlock(32, memory_efficient=True), x)
+    balanced = _saved(QuadraBlock(32, memory_efficient="balanced"), x)
     act = x.numel() * x.element_size()
     # Spatial branch: x only; MLP: its input and fc1's output (4C); plus LN statistics.
     assert efficient < 6.2 * act
+    # balanced: the spatial branch also keeps the conv's branches a and b
+    assert 7.9 * act < balanced < 8.2 * act
     assert efficient <= 0.65 * _saved(HorBlock(32, order=3), x)
     assert efficient <= _saved(ConvBlock(32), x)
     assert efficient < 0.4 * plain

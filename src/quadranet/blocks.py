@@ -24,6 +24,20 @@ from quadranet.nn.fused import channel_mlp, fold_layer_scale, quadratic_mixer
 LN_EPS = 1e-6
 
 
+def check_memory_efficient(value: bool | str) -> bool | str:
+    """Validate a QuadraBlock `memory_efficient` level: False (plain autograd), True (the
+    least memory) or "balanced" (the spatial branch also keeps the conv's branches a and b,
+    2 C per pixel, so backward does not recompute them)."""
+    if isinstance(value, str) and value == "balanced":
+        return value
+    if isinstance(value, bool):
+        return value
+    raise ValueError(
+        f"memory_efficient must be False, True (least memory) or 'balanced' (also keeps "
+        f"the quadratic conv's branches: faster backward); got {value!r}"
+    )
+
+
 def check_kernel_size(kernel_size: int) -> int:
     """Validate a spatial kernel size: a positive odd integer keeps the map size."""
     if not isinstance(kernel_size, int) or kernel_size <= 0 or kernel_size % 2 == 0:
@@ -50,7 +64,7 @@ class ChannelMlp(nn.Module):
     ) -> None:
         super().__init__()
         hidden = int(mlp_ratio * dim)
-        self.memory_efficient = memory_efficient
+        self.memory_efficient = bool(memory_efficient)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
@@ -141,6 +155,8 @@ class QuadraBlock(MixerBlock):
     `memory_efficient=True` runs each residual branch as one op that keeps only the
     branch input and LayerNorm statistics (plus fc1's output in the MLP) for backward,
     recomputing the rest with hand-derived gradients (`quadranet.nn.fused`).
+    `memory_efficient="balanced"` also keeps the quadratic conv's branches a and b (2 C per
+    pixel), so backward recomputes only the LayerNorms and the GELU.
     """
 
     def __init__(
@@ -150,9 +166,10 @@ class QuadraBlock(MixerBlock):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         layer_scale_init: float | None = 1e-6,
-        memory_efficient: bool = False,
+        memory_efficient: bool | str = False,
     ) -> None:
         check_kernel_size(kernel_size)
+        check_memory_efficient(memory_efficient)
         mixer = QuadraticConv2d(dim, dim, kernel_size, groups=dim)
         super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init, memory_efficient)
         self.memory_efficient = memory_efficient
@@ -188,6 +205,7 @@ class QuadraBlock(MixerBlock):
             self.gamma1,
             self.norm1.eps,
             self.mixer.padding[0],
+            keep_branches=self.memory_efficient == "balanced",
         )
 
 

@@ -3,7 +3,8 @@
 Same architecture and parameter count as `quadranet36_t`, but written as research code
 usually writes it: the quadratic depthwise conv is three separate `nn.Conv2d` (a, b, c)
 combined as a * b + c under plain autograd, the channels-first LayerNorms (block
-norm1, stem, downsamples) are computed element-wise instead of by the fused kernel, and
+norm1, stem, downsamples) are computed element-wise instead of by the fused kernel, the
+stem and downsamples are plain strided `nn.Conv2d` (not the matrix-product form), and
 the channel MLP is plain modules (LayerNorm, Linear, GELU, Linear, times gamma) in
 training and inference alike, without QuadraNet's inference folding and kernels.
 It is a benchmark baseline, not a model of the family, so it is not registered with timm.
@@ -19,6 +20,7 @@ from torch import nn
 from quadranet.blocks import LN_EPS, ChannelMlp, MixerBlock, check_kernel_size
 from quadranet.models.quadranet import DEPTHS, WIDTHS, QuadraNet
 from quadranet.nn import LayerNorm2d, QuadraticConv2d
+from quadranet.nn.patch import PatchConv2d
 
 REFERENCE_NAME = "reference"
 
@@ -86,20 +88,25 @@ class ReferenceQuadraBlock(MixerBlock):
         self.mlp = PlainChannelMlp(dim, mlp_ratio, layer_scale_init)
 
 
-def _elementwise_norms(model: QuadraNet) -> None:
-    """Replace the stem and downsample LayerNorm2d of `model` by the element-wise form."""
+def _plain_stem_and_downsamples(model: QuadraNet) -> None:
+    """Element-wise LayerNorms and plain strided convs in the stem and the downsamples."""
 
-    def swap(parent: nn.Sequential, index: int) -> None:
-        old = parent[index]
+    def swap(parent: nn.Sequential, norm: int, conv: int) -> None:
+        old = parent[norm]
         assert isinstance(old, LayerNorm2d), f"expected a LayerNorm2d, found {type(old)}"
-        parent[index] = ElementwiseLayerNorm2d(
+        parent[norm] = ElementwiseLayerNorm2d(
             old.weight.shape[0], old.eps, device=old.weight.device, dtype=old.weight.dtype
         )
+        old = parent[conv]
+        assert isinstance(old, PatchConv2d), f"expected a PatchConv2d, found {type(old)}"
+        plain = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride)
+        plain.load_state_dict(old.state_dict())
+        parent[conv] = plain
 
-    swap(model.stem, 1)
+    swap(model.stem, 1, 0)
     for stage in model.stages:
         if isinstance(stage.downsample, nn.Sequential):
-            swap(stage.downsample, 0)
+            swap(stage.downsample, 0, 1)
 
 
 def create_reference_model(**kwargs: Any) -> QuadraNet:
@@ -108,7 +115,7 @@ def create_reference_model(**kwargs: Any) -> QuadraNet:
     args: dict[str, Any] = dict(depths=DEPTHS["36"], dims=(width, 2 * width, 4 * width, 8 * width))
     args.update(kwargs)
     model = QuadraNet(block=ReferenceQuadraBlock, **args)
-    _elementwise_norms(model)
+    _plain_stem_and_downsamples(model)
     return model
 
 

@@ -195,6 +195,23 @@ def depthwise_quadratic_backward(
     return grad_x, grad_w, grad_b
 
 
+def product_and_branches(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_args: ConvArgs,
+    keep: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(a * b + c, a, b), or (a * b + c, None, None) when `keep` is False: the forward
+    of an op whose backward needs the branches (one kernel pass where the kernels apply)."""
+    ops = _kernel_ops(x, weight, bias, conv_args)
+    if ops is not None:
+        out, *ab = ops.quadratic_forward(x, weight.contiguous(), bias, True, keep, keep, False)
+        return (out, *ab) if keep else (out, None, None)
+    a, b, c = branch_convs(x, weight, bias, conv_args)
+    return (torch.addcmul(c, a, b), *((a, b) if keep else (None, None)))
+
+
 class _DepthwiseQuadraticFn(torch.autograd.Function):
     """a * b + c with per-branch forward and a fused weight gradient.
 
@@ -207,15 +224,10 @@ class _DepthwiseQuadraticFn(torch.autograd.Function):
         dtype = compute_dtype(x)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         with no_autocast(x):
-            x, w, b_ = x.to(dtype), weight.to(dtype), cast(bias, dtype)
-            ops = _kernel_ops(x, w, b_, conv_args)
-            if ops is not None:
-                keep = save_branches
-                out, *ab = ops.quadratic_forward(x, w.contiguous(), b_, True, keep, keep, False)
-                a, b = ab if keep else (None, None)
-            else:
-                a, b, c = branch_convs(x, w, b_, conv_args)
-                out = torch.addcmul(c, a, b)
+            x = x.to(dtype)
+            out, a, b = product_and_branches(
+                x, weight.to(dtype), cast(bias, dtype), conv_args, save_branches
+            )
         ctx.conv_args = conv_args
         ctx.save_branches = save_branches
         ctx.save_for_backward(x, weight, bias, *((a, b) if save_branches else ()))

@@ -25,8 +25,8 @@ from quadranet.nn.depthwise import (
     cast,
     compute_dtype,
     depthwise_quadratic_backward,
-    depthwise_quadratic_conv2d,
     no_autocast,
+    product_and_branches,
 )
 from quadranet.nn.ext import gelu_kernel
 
@@ -53,71 +53,66 @@ def _ln_input(x: torch.Tensor, ln_w: torch.Tensor | None) -> torch.Tensor:
     return x if ln_w is None or ln_w.dtype == x.dtype else x.to(ln_w.dtype)
 
 
+def _branch_scale(gamma: torch.Tensor) -> torch.Tensor:
+    """Per fused channel (3C): gamma on branches a and c, 1 on branch b."""
+    return torch.stack((gamma, torch.ones_like(gamma), gamma), 1).view(-1)
+
+
 def fold_layer_scale(
     weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fused quadratic conv's weight and bias with the layer scale folded in:
     gamma * (a * b + c) = (gamma a) * b + gamma c (branches a and c of each channel)."""
-    scale = torch.stack((gamma, torch.ones_like(gamma), gamma), 1).view(-1)
+    scale = _branch_scale(gamma)
     return weight * scale.view(-1, 1, 1, 1), None if bias is None else bias * scale
 
 
 class _QuadraticMixerFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, conv_w, conv_b, gamma, eps, padding):  # noqa: D102
+    def forward(ctx, x, ln_w, ln_b, conv_w, conv_b, gamma, eps, padding, keep_branches):  # noqa: D102
         c = x.shape[1]
         dtype = compute_dtype(x)  # the conv's dtype; LayerNorm statistics stay in x's
         conv_args = ((1, 1), _pair(padding), (1, 1))
         with no_autocast(x):
             n, mean, rstd = aten.native_layer_norm(_ln_input(_nhwc(x), ln_w), [c], ln_w, ln_b, eps)
-            w, b = conv_w, conv_b
-            if gamma is not None:
-                w, b = fold_layer_scale(w, b, gamma)
-            # grad mode is off inside forward: the plain (or C++ kernel) forward runs
-            out = depthwise_quadratic_conv2d(
-                _nchw(n).to(dtype), w.to(dtype), cast(b, dtype), padding=conv_args[1]
-            )
-        ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma)
+            w, b = _scaled_conv(conv_w, conv_b, gamma, dtype)
+            out, ya, yb = product_and_branches(_nchw(n).to(dtype), w, b, conv_args, keep_branches)
+        ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma, ya, yb)
         ctx.args = (eps, conv_args, dtype)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
-        x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma = ctx.saved_tensors
+        x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma, ya, yb = ctx.saved_tensors
         eps, conv_args, dtype = ctx.args
         need = ctx.needs_input_grad
         c = x.shape[1]
         x_nhwc = _ln_input(_nhwc(x), ln_w)
         n = _nchw(F.layer_norm(x_nhwc, (c,), ln_w, ln_b, eps)).to(dtype)
-        w, b = conv_w.to(dtype), cast(conv_b, dtype)
-        grad = grad.to(dtype)
-        ya, yb = branch_convs(n, w, b, conv_args, (0, 1))
-        # Gradients of the unscaled q = a * b + c first; layer scale is per channel, so
-        # dgamma = sum(g * q) = sum(g * b * a) + sum(g * c) = <Wa, dWa> + ba dba + <Wc, dWc>
-        # + bc dbc per channel (a and c are affine in their weights, dWa = corr(n, g * b)):
-        # no recomputed c, no extra pass over g.
+        # Backward of y = a' * b + c' with the folded weights W' = s W (s = gamma on branches
+        # a and c, 1 on b): dL/dn directly, then dW = s dW' and, since a' and c' are linear
+        # in gamma, dgamma = <Wa, dWa'> + ba dba' + <Wc, dWc'> + bc dbc' per channel.
+        w, b = _scaled_conv(conv_w, conv_b, gamma, dtype)
+        if ya is None:
+            ya, yb = branch_convs(n, w, b, conv_args, (0, 1))
         need_gamma = gamma is not None and need[5]
         needs = (True, need[3] or need_gamma, (need[4] or need_gamma) and b is not None)
         grad_n, grad_cw, grad_cb = depthwise_quadratic_backward(
-            n, w, b, ya, yb, grad, conv_args, needs
+            n, w, b, ya, yb, grad.to(dtype), conv_args, needs
         )
         del ya, yb, n
         grad_gamma = None
         if gamma is not None:
-            scale = gamma.to(dtype)
             if need_gamma:
-                # branches a and c (index 0 and 2 of each channel's triple) make up q
                 acc = _acc(dtype)
-                dot = (w.to(acc) * grad_cw.to(acc)).view(c, 3, -1).sum(-1)
+                dot = (conv_w.to(acc) * grad_cw.to(acc)).view(c, 3, -1).sum(-1)
                 if b is not None:
-                    dot = dot + (b.to(acc) * grad_cb.to(acc)).view(c, 3)
+                    dot = dot + (conv_b.to(acc) * grad_cb.to(acc)).view(c, 3)
                 grad_gamma = (dot[:, 0] + dot[:, 2]).to(gamma.dtype)
-            grad_n = grad_n * scale.view(1, -1, 1, 1)
-            grad_cw = (
-                None if grad_cw is None else grad_cw * scale.repeat_interleave(3).view(-1, 1, 1, 1)
-            )
-            grad_cb = None if grad_cb is None else grad_cb * scale.repeat_interleave(3)
+            scale = _branch_scale(gamma.to(dtype))
+            grad_cw = None if grad_cw is None else grad_cw * scale.view(-1, 1, 1, 1)
+            grad_cb = None if grad_cb is None else grad_cb * scale
         grad_x, grad_lw, grad_lb = aten.native_layer_norm_backward(
             _nhwc(grad_n).to(x_nhwc.dtype),
             x_nhwc,
@@ -131,7 +126,15 @@ class _QuadraticMixerFn(torch.autograd.Function):
         grad_x = None if grad_x is None else _nchw(grad_x).to(x.dtype)
         grad_cw = cast(grad_cw, conv_w.dtype) if need[3] else None
         grad_cb = cast(grad_cb, conv_b.dtype) if need[4] else None
-        return grad_x, grad_lw, grad_lb, grad_cw, grad_cb, grad_gamma, None, None
+        return grad_x, grad_lw, grad_lb, grad_cw, grad_cb, grad_gamma, None, None, None
+
+
+def _scaled_conv(
+    weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused conv's weight and bias in `dtype`, with the layer scale folded in."""
+    w, b = weight.to(dtype), cast(bias, dtype)
+    return (w, b) if gamma is None else fold_layer_scale(w, b, gamma.to(dtype))
 
 
 def quadratic_mixer(
@@ -143,13 +146,16 @@ def quadratic_mixer(
     gamma: torch.Tensor | None,
     eps: float = 1e-6,
     padding: int = 3,
+    keep_branches: bool = False,
 ) -> torch.Tensor:
     """gamma * QuadraticDWConv(LayerNorm2d(x)), keeping only x and LN statistics for backward.
 
     `conv_weight` is the fused depthwise weight of `QuadraticConv2d(C, C, k, groups=C)`.
+    `keep_branches=True` also keeps the conv's branches a and b (2 C per pixel), so
+    backward does not recompute them: faster, for a little more memory.
     """
     return _QuadraticMixerFn.apply(
-        x, ln_weight, ln_bias, conv_weight, conv_bias, gamma, eps, padding
+        x, ln_weight, ln_bias, conv_weight, conv_bias, gamma, eps, padding, keep_branches
     )
 
 
@@ -164,7 +170,9 @@ class _ChannelMlpFn(torch.autograd.Function):
             w2s, b2s = w2, b2
             if gamma is not None:  # layer scale folded into fc2: no pass over the output
                 w2s, b2s = w2 * gamma.unsqueeze(1), None if b2 is None else b2 * gamma
-            out = F.linear(F.gelu(u), w2s.to(dtype), cast(b2s, dtype))
+            ops = gelu_kernel(u)  # the C++ GELU: one read of u, one write of z
+            z = ops.gelu(u) if ops is not None else F.gelu(u)
+            out = F.linear(z, w2s.to(dtype), cast(b2s, dtype))
         ctx.save_for_backward(x, mean, rstd, u, ln_w, ln_b, w1, w2, b2, gamma)
         ctx.eps = eps
         return out
@@ -180,9 +188,11 @@ class _ChannelMlpFn(torch.autograd.Function):
         w2s = (w2 * gamma.unsqueeze(1) if gamma is not None else w2).to(dtype)
         u2 = u.reshape(-1, hidden)
         ops = gelu_kernel(u2)
-        if ops is not None:  # one erf pass: Z = GELU(U), and dL/dU = dL/dZ * GELU'(U) in place
-            grad_u = g @ w2s
-            z = ops.gelu_and_grad(u2, grad_u)
+        grad_b1 = None
+        if ops is not None:  # one erf pass: Z = GELU(U), dL/dU = dL/dZ * GELU'(U) in place,
+            grad_u = g @ w2s  # and fc1's bias gradient, the column sums of dL/dU
+            z, *sums = ops.gelu_and_grad(u2, grad_u, need[4])
+            grad_b1 = sums[0] if sums else None
         else:
             grad_u, z = None, F.gelu(u2)
         # G^T Z, shape (C, hidden), computed as (Z^T G)^T: for C < hidden that operand order
@@ -203,7 +213,8 @@ class _ChannelMlpFn(torch.autograd.Function):
         x_ln = _ln_input(x, ln_w)
         n = F.layer_norm(x_ln, (c,), ln_w, ln_b, ctx.eps).reshape(-1, c).to(dtype)
         grad_w1 = grad_u.t() @ n
-        grad_b1 = grad_u.sum(0, dtype=_acc(dtype))
+        if grad_b1 is None and need[4]:
+            grad_b1 = grad_u.sum(0, dtype=_acc(dtype))
         grad_n = (grad_u @ w1.to(dtype)).reshape(x.shape).to(x_ln.dtype)
         del grad_u, n
         grad_x, grad_lw, grad_lb = aten.native_layer_norm_backward(
@@ -215,7 +226,7 @@ class _ChannelMlpFn(torch.autograd.Function):
             grad_lw,
             grad_lb,
             grad_w1.to(w1.dtype),
-            grad_b1 if need[4] else None,
+            grad_b1,
             grad_w2.to(w2.dtype),
             grad_b2 if b2 is not None and need[6] else None,
             cast(grad_gamma, gamma.dtype) if gamma is not None else None,

@@ -3,8 +3,9 @@
 //     convolutions of x (stride 1, dilation 1, padding k / 2) with the fused weight
 //     (3C, 1, k, k) whose channel 3 * ch + branch holds branch (a, b, c) of input channel ch;
 //   * its backward: dx and the fused weight / bias gradients in one pass over the data;
-//   * the exact (erf) GELU together with its derivative in one pass, and an in-place GELU
-//     for inference.
+//   * the exact (erf) GELU together with its derivative (and fc1's bias gradient) in one
+//     pass for the channel MLP's backward, and an exp-free GELU for its forward (in place at
+//     inference).
 //
 // Vectors are GCC vector extensions of 8 floats (AVX2 + FMA with -march=native, pairs of
 // SSE registers otherwise); channels are processed in blocks of 8. Each task (one image,
@@ -23,15 +24,33 @@
 
 #include <algorithm>
 #include <cstring>
+#include <new>
 #include <vector>
 
 namespace {
 
 constexpr int L = 8;          // lanes: channels per block
 constexpr int64_t BAND = 8;   // output rows per task
-constexpr int TILE = 4;       // output pixels per register tile
+constexpr int TILE = 3;       // output pixels per forward register tile (3 x 3 branches)
+constexpr int DX_TILE = 5;    // output pixels per input-gradient register tile
 constexpr int DW_TAPS = 4;    // weight-gradient taps per register pass
-constexpr int64_t STRIP = 24; // output columns per input-gradient strip
+constexpr int64_t STRIP = 25; // output columns per input-gradient strip (whole DX_TILEs)
+
+// Scratch memory aligned to 64 bytes: an 8-float vector at an odd multiple of 16 bytes
+// straddles two cache lines, and such loads cost the tiles below about 20%.
+template <class T>
+struct AlignedAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  AlignedAllocator() = default;
+  template <class U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlign); }
+  template <class U>
+  bool operator==(const AlignedAllocator<U>&) const { return true; }
+};
+using Floats = std::vector<float, AlignedAllocator<float>>;
 
 typedef float vf __attribute__((vector_size(L * sizeof(float))));
 typedef int vi __attribute__((vector_size(L * sizeof(int))));
@@ -88,9 +107,9 @@ struct Shape {
 
 // Fused (3C, 1, k, k) weights as [block][branch][tap][lane], taps optionally reversed
 // (the transposed convolution of the input gradient uses the flipped kernel).
-std::vector<float> block_weights(const at::Tensor& weight, const Shape& s, bool flip) {
+Floats block_weights(const at::Tensor& weight, const Shape& s, bool flip) {
   const int64_t taps = s.taps();
-  std::vector<float> out(s.blocks * 3 * taps * L, 0.f);
+  Floats out(s.blocks * 3 * taps * L, 0.f);
   const float* w = weight.data_ptr<float>();
   for (int64_t ch = 0; ch < s.c; ++ch) {
     const int64_t cb = ch / L, lane = ch % L;
@@ -105,8 +124,8 @@ std::vector<float> block_weights(const at::Tensor& weight, const Shape& s, bool 
 }
 
 // Fused (3C) bias as [block][branch][lane]; zeros without a bias.
-std::vector<float> block_bias(const c10::optional<at::Tensor>& bias, const Shape& s) {
-  std::vector<float> out(s.blocks * 3 * L, 0.f);
+Floats block_bias(const c10::optional<at::Tensor>& bias, const Shape& s) {
+  Floats out(s.blocks * 3 * L, 0.f);
   if (!bias.has_value() || !bias->defined()) return out;
   TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                   bias->numel() == 3 * s.c,
@@ -217,19 +236,24 @@ inline void dx_tile(const float* const gb[3], int64_t base, int64_t wp, int kr, 
                     float* dx, int64_t off, int64_t c, int64_t n) {
   const int k = KT > 0 ? KT : kr;
   const int64_t taps = static_cast<int64_t>(k) * k;
-  vf acc[T] = {};
+  // two partial sums per pixel (branch a and c; branch b) halve the dependency chains
+  vf acc[2][T] = {};
+#pragma GCC unroll 1
   for (int i = 0; i < k; ++i) {
     const int64_t row = base + i * wp * L;
     const float* wi = wf + i * k * L;
+#pragma GCC unroll 8
     for (int j = 0; j < k; ++j) {
+#pragma GCC unroll 3
       for (int br = 0; br < 3; ++br) {
         const vf wv = load(wi + (br * taps + j) * L);
         const float* gr = gb[br] + row + j * L;
-        for (int t = 0; t < T; ++t) acc[t] += load(gr + t * L) * wv;
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) acc[br & 1][t] += load(gr + t * L) * wv;
       }
     }
   }
-  for (int t = 0; t < T; ++t) store_n(dx + off + t * c, acc[t], n);
+  for (int t = 0; t < T; ++t) store_n(dx + off + t * c, acc[0][t] + acc[1][t], n);
 }
 
 // Weight gradient of taps (i, j0 .. j0 + J) of all three branches over band row r:
@@ -248,13 +272,16 @@ inline void dw_pass(const float* xbuf, const float* const gb[3], int64_t wp, int
     const float* g0 = gb[0] + grow;
     const float* g1 = gb[1] + grow;
     const float* g2 = gb[2] + grow;
+    vf xw[J];  // sliding window: xw[jj] = X[r + i][x + j0 + jj], one new load per pixel
+    for (int jj = 0; jj + 1 < J; ++jj) xw[jj + 1] = load(xr + jj * L);
     for (int64_t x = 0; x < width; ++x) {
+      for (int jj = 0; jj + 1 < J; ++jj) xw[jj] = xw[jj + 1];
+      xw[J - 1] = load(xr + (x + J - 1) * L);
       const vf ga = load(g0 + x * L), gbv = load(g1 + x * L), gc = load(g2 + x * L);
       for (int jj = 0; jj < J; ++jj) {
-        const vf xv = load(xr + (x + jj) * L);
-        acc[0][jj] += xv * ga;
-        acc[1][jj] += xv * gbv;
-        acc[2][jj] += xv * gc;
+        acc[0][jj] += xw[jj] * ga;
+        acc[1][jj] += xw[jj] * gbv;
+        acc[2][jj] += xw[jj] * gc;
       }
     }
   }
@@ -281,13 +308,17 @@ void forward_band(const Shape& s, const float* x, const float* wblk, const float
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row_off = ((img * s.h + h0 + r) * s.w) * s.c + cb * L;
       const float* xr = buf + r * wp * L;
-      int64_t x0 = 0;
-      for (; x0 + TILE <= s.w; x0 += TILE) {
+      // whole tiles; the last one ends at the row's end and may redo a few pixels (the
+      // same values again: the outputs never alias the inputs)
+      for (int64_t x = 0; x < s.w; x += TILE) {
+        if (s.w < TILE) {
+          forward_tile<KT, 1>(xr + x * L, wp, s.k, wb, bias, out, res, row_off + x * s.c, s.c, n);
+          x += 1 - TILE;
+          continue;
+        }
+        const int64_t x0 = std::min(x, s.w - TILE);
         forward_tile<KT, TILE>(xr + x0 * L, wp, s.k, wb, bias, out, res, row_off + x0 * s.c, s.c,
                                n);
-      }
-      for (; x0 < s.w; ++x0) {
-        forward_tile<KT, 1>(xr + x0 * L, wp, s.k, wb, bias, out, res, row_off + x0 * s.c, s.c, n);
       }
     }
   }
@@ -310,12 +341,15 @@ void backward_band(const Shape& s, const float* x, const float* g, const float* 
         const int64_t xe = std::min(s.w, xs + STRIP);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t row_off = io + ((h0 + r) * s.w) * s.c + cb * L;
-          int64_t x0 = xs;
-          for (; x0 + TILE <= xe; x0 += TILE) {
-            dx_tile<KT, TILE>(gb, (r * wp + x0) * L, wp, s.k, wf, dx, row_off + x0 * s.c, s.c, n);
-          }
-          for (; x0 < xe; ++x0) {
-            dx_tile<KT, 1>(gb, (r * wp + x0) * L, wp, s.k, wf, dx, row_off + x0 * s.c, s.c, n);
+          for (int64_t x = xs; x < xe; x += DX_TILE) {
+            if (s.w < DX_TILE) {
+              dx_tile<KT, 1>(gb, (r * wp + x) * L, wp, s.k, wf, dx, row_off + x * s.c, s.c, n);
+              x += 1 - DX_TILE;
+              continue;
+            }
+            const int64_t x0 = std::min(x, xe - DX_TILE);  // may redo pixels, as in forward
+            dx_tile<KT, DX_TILE>(gb, (r * wp + x0) * L, wp, s.k, wf, dx, row_off + x0 * s.c, s.c,
+                                 n);
           }
         }
       }
@@ -380,8 +414,8 @@ std::vector<at::Tensor> quadratic_forward(const at::Tensor& x, const at::Tensor&
     res = residual->data_ptr<float>();
   }
   const Shape s(x, weight.size(2));
-  const std::vector<float> wblk = block_weights(weight, s, false);
-  const std::vector<float> bblk = block_bias(bias, s);
+  const Floats wblk = block_weights(weight, s, false);
+  const Floats bblk = block_bias(bias, s);
   const bool want[4] = {want_y, want_a, want_b, want_c};
   std::vector<at::Tensor> outs(4);
   float* ptrs[4] = {nullptr, nullptr, nullptr, nullptr};
@@ -399,7 +433,7 @@ std::vector<at::Tensor> quadratic_forward(const at::Tensor& x, const at::Tensor&
   const float* xp = x.data_ptr<float>();
   const int64_t bands = s.bands(), groups = s.groups();
   at::parallel_for(0, s.tasks() * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(s.buffer_floats());
+    Floats buf(s.buffer_floats());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t img = t / groups / bands, h0 = (t / groups % bands) * BAND;
       const int64_t rows = std::min(BAND, s.h - h0), grp = t % groups;
@@ -436,15 +470,15 @@ std::vector<at::Tensor> quadratic_backward(const at::Tensor& x, const at::Tensor
   const int64_t groups = s.groups(), tasks = s.tasks() * groups;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
   const int64_t part_w = s.blocks * 3 * taps * L, part_b = s.blocks * 3 * L;
-  std::vector<float> dw_parts(want_dw ? chunks * part_w : 0, 0.f);
-  std::vector<float> db_parts(chunks * part_b, 0.f);
+  Floats dw_parts(want_dw ? chunks * part_w : 0, 0.f);
+  Floats db_parts(chunks * part_b, 0.f);
   if (x.numel() > 0 && (need_dx || want_dw)) {
-    const std::vector<float> wflip = block_weights(weight, s, true);
+    const Floats wflip = block_weights(weight, s, true);
     const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>();
     const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       const int64_t bf = s.buffer_floats();
-      std::vector<float> bufs(4 * bf);
+      Floats bufs(4 * bf);
       float* const gbufs[3] = {bufs.data() + bf, bufs.data() + 2 * bf, bufs.data() + 3 * bf};
       const int64_t bands = s.bands();
       for (int64_t ch = begin; ch < end; ++ch) {
@@ -540,29 +574,61 @@ inline void gelu_vec(vf u, vf& z, vf& grad) {
 }
 
 // Returns gelu(u) (exact erf form, as torch.nn.functional.gelu) and multiplies `grad` in
-// place by gelu'(u): one pass instead of gelu followed by gelu_backward.
-at::Tensor gelu_and_grad(const at::Tensor& u_in, const at::Tensor& grad) {
+// place by gelu'(u): one pass instead of gelu followed by gelu_backward. With `want_sum`,
+// also returns the sums of the new grad over all but the last dim (fc1's bias gradient),
+// formed in the same pass: per thread in float over blocks of rows, then in double.
+std::vector<at::Tensor> gelu_and_grad(const at::Tensor& u_in, const at::Tensor& grad,
+                                      bool want_sum) {
   TORCH_CHECK(u_in.device().is_cpu() && u_in.scalar_type() == at::kFloat &&
                   grad.scalar_type() == at::kFloat && grad.sizes() == u_in.sizes() &&
-                  grad.is_contiguous(),
+                  grad.is_contiguous() && u_in.dim() >= 1,
               "gelu_and_grad: expected float32 CPU u and a contiguous grad of the same shape");
   const at::Tensor u = u_in.contiguous();
   at::Tensor z = at::empty(u.sizes(), u.options());
+  const int64_t cols = u.size(-1), rows = cols > 0 ? u.numel() / cols : 0;
+  const int64_t vecs = (cols + L - 1) / L;
   const float* up = u.data_ptr<float>();
   float* zp = z.data_ptr<float>();
   float* gp = grad.data_ptr<float>();
-  at::parallel_for(0, (u.numel() + L - 1) / L, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t v = begin; v < end; ++v) {
-      const int64_t i = v * L, n = std::min<int64_t>(L, u.numel() - i);
-      vf zv, gv = load_n(gp + i, n);
-      gelu_vec(load_n(up + i, n), zv, gv);
-      store_n(zp + i, zv, n);
-      store_n(gp + i, gv, n);
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> sums(want_sum ? threads * cols : 0, 0.0);
+  constexpr int64_t ROW_BLOCK = 64;  // rows summed in float before adding to the doubles
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    Floats part(want_sum ? vecs * L : 0, 0.f);
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads, "gelu_and_grad: thread ", tid, " of ", threads);
+    double* total = want_sum ? sums.data() + tid * cols : nullptr;
+    for (int64_t r0 = begin; r0 < end; r0 += ROW_BLOCK) {
+      const int64_t r1 = std::min(end, r0 + ROW_BLOCK);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t v = 0; v < vecs; ++v) {
+          const int64_t i = r * cols + v * L, n = std::min<int64_t>(L, cols - v * L);
+          vf zv, gv = load_n(gp + i, n);
+          gelu_vec(load_n(up + i, n), zv, gv);
+          store_n(zp + i, zv, n);
+          store_n(gp + i, gv, n);
+          if (want_sum) store(part.data() + v * L, load(part.data() + v * L) + gv);
+        }
+      }
+      if (!want_sum) continue;
+      for (int64_t col = 0; col < cols; ++col) total[col] += part[col];
+      std::fill(part.begin(), part.end(), 0.f);
     }
   });
-  return z;
+  std::vector<at::Tensor> out{z};
+  if (want_sum) {
+    at::Tensor colsum = at::empty({cols}, u.options());
+    float* cp = colsum.data_ptr<float>();
+    for (int64_t col = 0; col < cols; ++col) {
+      double acc = 0.0;
+      for (int64_t t = 0; t < threads; ++t) acc += sums[t * cols + col];
+      cp[col] = static_cast<float>(acc);
+    }
+    out.push_back(colsum);
+  }
+  return out;
 }
-
 
 // Phi(u) by Abramowitz and Stegun's 7.1.28: erfc(z) = (1 + a1 z + ... + a6 z^6)^-16 for
 // z >= 0 (absolute error below 3e-7; float rounding of the 16th power makes the error of
@@ -585,21 +651,38 @@ inline vf normal_cdf_fast(vf u) {
   return u < 0.f ? half : 1.f - half;
 }
 
-// u <- gelu(u) in place (erf form, error below 1e-6 |u|): the inference MLP's activation,
-// one read and one write of fc1's output, about 40% less time than torch's GELU here.
-at::Tensor& gelu_(at::Tensor& u) {
-  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.is_contiguous(),
-              "gelu_: expected a contiguous float32 CPU tensor, got ", u.sizes());
-  float* up = u.data_ptr<float>();
-  const int64_t numel = u.numel();
+// out = gelu(in) (erf form, error below 1e-6 |u|, no exp); out may be in.
+void gelu_fast(const float* in, float* out, int64_t numel) {
   at::parallel_for(0, (numel + L - 1) / L, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t v = begin; v < end; ++v) {
       const int64_t i = v * L, n = std::min<int64_t>(L, numel - i);
-      const vf x = load_n(up + i, n);
-      store_n(up + i, x * normal_cdf_fast(x), n);
+      const vf x = load_n(in + i, n);
+      store_n(out + i, x * normal_cdf_fast(x), n);
     }
   });
+}
+
+void check_gelu_input(const at::Tensor& u, const char* name) {
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.is_contiguous(), name,
+              ": expected a contiguous float32 CPU tensor, got ", u.scalar_type(), " ",
+              u.sizes());
+}
+
+// u <- gelu(u) in place: the inference MLP's activation, one read and one write of fc1's
+// output, about 40% less time than torch's GELU here.
+at::Tensor& gelu_(at::Tensor& u) {
+  check_gelu_input(u, "gelu_");
+  gelu_fast(u.data_ptr<float>(), u.data_ptr<float>(), u.numel());
   return u;
+}
+
+// gelu(u) as a new tensor: the training forward of the memory-efficient MLP, where fc1's
+// output u is kept for backward.
+at::Tensor gelu(const at::Tensor& u) {
+  check_gelu_input(u, "gelu");
+  at::Tensor z = at::empty(u.sizes(), u.options());
+  gelu_fast(u.data_ptr<float>(), z.data_ptr<float>(), u.numel());
+  return z;
 }
 
 }  // namespace
@@ -611,8 +694,9 @@ TORCH_LIBRARY(quadranet_cpu, m) {
   m.def(
       "quadratic_backward(Tensor x, Tensor weight, Tensor a, Tensor b, Tensor grad, "
       "bool need_dx, bool need_dw, bool need_db) -> Tensor[]");
-  m.def("gelu_and_grad(Tensor u, Tensor(a!) grad) -> Tensor");
+  m.def("gelu_and_grad(Tensor u, Tensor(a!) grad, bool want_sum=False) -> Tensor[]");
   m.def("gelu_(Tensor(a!) u) -> Tensor(a!)");
+  m.def("gelu(Tensor u) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quadranet_cpu, CPU, m) {
@@ -620,4 +704,5 @@ TORCH_LIBRARY_IMPL(quadranet_cpu, CPU, m) {
   m.impl("quadratic_backward", &quadratic_backward);
   m.impl("gelu_and_grad", &gelu_and_grad);
   m.impl("gelu_", &gelu_);
+  m.impl("gelu", &gelu);
 }
