@@ -42,7 +42,7 @@ def test_memory_bench_end_to_end(tmp_path, capsys):
     for ext in ("md", "csv", "png"):
         assert (tmp_path / f"memory.{ext}").stat().st_size > 0
     rows = {r["row"]: r for r in read_csv(tmp_path / "memory.csv")}
-    assert list(rows) == ["skip", "conv", "swin", "hor", "quadra", "quadra-me"]
+    assert list(rows) == ["skip", "conv", "swin", "hor", "quadra", "quadra-me", "quadra-bal"]
     for r in rows.values():
         assert float(r["saved_mib"]) > 0 and float(r["peak_mib"]) > 0 and float(r["step_s"]) > 0
         for metric in ("saved_mib", "peak_mib", "step_s"):
@@ -56,9 +56,10 @@ def test_memory_bench_saved_bytes_of_every_row(tmp_path):
     # --peak-batch 0: saved bytes only (meta device, no child processes).
     assert main(MEMORY_TINY + ["--peak-batch", "0", "--output", str(tmp_path)]) == 0
     rows = {r["row"]: r for r in read_csv(tmp_path / "memory.csv")}
-    assert list(rows) == ["skip", "conv", "swin", "hor", "quadra", "quadra-me"]
+    assert list(rows) == ["skip", "conv", "swin", "hor", "quadra", "quadra-me", "quadra-bal"]
     saved = {k: float(r["saved_mib"]) for k, r in rows.items()}
     assert saved["skip"] < saved["conv"] < saved["quadra"] and saved["quadra-me"] < saved["quadra"]
+    assert saved["quadra-me"] < saved["quadra-bal"] < saved["conv"]
     assert rows["skip"]["peak_mib"] == "" and (tmp_path / "memory.png").is_file()
 
 

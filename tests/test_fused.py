@@ -25,6 +25,9 @@ def test_quadratic_mixer_gradcheck(use_gamma, k, keep_branches):
     args.append(rand(c) if use_gamma else None)
     fn = lambda *a: quadratic_mixer(*a, 1e-6, k // 2, keep_branches)  # noqa: E731
     assert gradcheck(fn, tuple(args))
+    with_x = lambda *a: quadratic_mixer(*a, 1e-6, k // 2, keep_branches, residual=True)  # noqa: E731
+    assert gradcheck(with_x, tuple(args))
+    torch.testing.assert_close(with_x(*args), args[0] + fn(*args))
 
 
 @pytest.mark.parametrize("keep_branches", [False, True])

@@ -181,6 +181,8 @@ class QuadraBlock(MixerBlock):
     def spatial_residual(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mixer
         drop_path_off = not self.training or isinstance(self.drop_path, nn.Identity)
+        if torch.is_grad_enabled() and self.memory_efficient and drop_path_off:
+            return self._mixer_op(x, residual=True)  # the residual added in the conv's pass
         if torch.is_grad_enabled() or self.gamma1 is None or not drop_path_off:
             return super().spatial_residual(x)
         # inference: gamma folded into the weights and the residual added in the conv's pass
@@ -196,6 +198,10 @@ class QuadraBlock(MixerBlock):
             return quadratic_conv2d(n, weight, bias, m.stride, m.padding, m.dilation, m.groups)
         if not (self.memory_efficient and torch.is_grad_enabled()):
             return super().spatial(x)
+        return self._mixer_op(x, residual=False)
+
+    def _mixer_op(self, x: torch.Tensor, residual: bool) -> torch.Tensor:
+        """The memory-efficient spatial branch as one op (plus x when `residual`)."""
         return quadratic_mixer(
             x,
             self.norm1.weight,
@@ -206,6 +212,7 @@ class QuadraBlock(MixerBlock):
             self.norm1.eps,
             self.mixer.padding[0],
             keep_branches=self.memory_efficient == "balanced",
+            residual=residual,
         )
 
 

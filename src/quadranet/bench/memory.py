@@ -61,6 +61,10 @@ ROWS: dict[str, tuple[str, BlockFactory]] = {
         "QuadraBlock (memory-efficient)",
         lambda dim, i, img: QuadraBlock(dim, memory_efficient=True),
     ),
+    "quadra-bal": (
+        "QuadraBlock (memory-efficient, balanced)",
+        lambda dim, i, img: QuadraBlock(dim, memory_efficient="balanced"),
+    ),
 }
 REFERENCES = ("conv", "hor")  # ratio columns: relative to ConvBlock and to HorBlock
 

@@ -134,18 +134,7 @@ def quadratic_product(
         with no_autocast(x):
             y = quadratic_product(x.to(dtype), weight.to(dtype), cast(bias, dtype), conv_args)
         return y if residual is None else residual + y
-    ops = _kernel_ops(x, weight, bias, conv_args)
-    if ops is None:
-        a, b, c = branch_convs(x, weight, bias, conv_args)
-        y = torch.addcmul(c, a, b)
-        return y if residual is None else residual + y
-    fuse = residual is not None and (
-        (residual.shape, residual.dtype, residual.device) == (x.shape, x.dtype, x.device)
-        and residual.is_contiguous(memory_format=torch.channels_last)
-    )
-    w = weight.contiguous()
-    y = ops.quadratic_forward(x, w, bias, True, False, False, False, residual if fuse else None)[0]
-    return y if residual is None or fuse else residual + y
+    return product_and_branches(x, weight, bias, conv_args, False, residual)[0]
 
 
 def _interleave(ga: torch.Tensor, gb: torch.Tensor, gc: torch.Tensor) -> torch.Tensor:
@@ -201,15 +190,24 @@ def product_and_branches(
     bias: torch.Tensor | None,
     conv_args: ConvArgs,
     keep: bool,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(a * b + c, a, b), or (a * b + c, None, None) when `keep` is False: the forward
-    of an op whose backward needs the branches (one kernel pass where the kernels apply)."""
+    """(y, a, b) with y = a * b + c (+ `residual`), or (y, None, None) when `keep` is False:
+    one kernel pass, residual included, where the kernels apply."""
     ops = _kernel_ops(x, weight, bias, conv_args)
-    if ops is not None:
-        out, *ab = ops.quadratic_forward(x, weight.contiguous(), bias, True, keep, keep, False)
-        return (out, *ab) if keep else (out, None, None)
-    a, b, c = branch_convs(x, weight, bias, conv_args)
-    return (torch.addcmul(c, a, b), *((a, b) if keep else (None, None)))
+    if ops is None:
+        a, b, c = branch_convs(x, weight, bias, conv_args)
+        y = torch.addcmul(c, a, b)
+        y = y if residual is None else residual + y
+        return (y, *((a, b) if keep else (None, None)))
+    fuse = residual is not None and (
+        (residual.shape, residual.dtype, residual.device) == (x.shape, x.dtype, x.device)
+        and residual.is_contiguous(memory_format=torch.channels_last)
+    )
+    w = weight.contiguous()
+    y, *ab = ops.quadratic_forward(x, w, bias, True, keep, keep, False, residual if fuse else None)
+    y = y if residual is None or fuse else residual + y
+    return (y, *ab) if keep else (y, None, None)
 
 
 class _DepthwiseQuadraticFn(torch.autograd.Function):

@@ -69,23 +69,28 @@ def fold_layer_scale(
 
 class _QuadraticMixerFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, conv_w, conv_b, gamma, eps, padding, keep_branches):  # noqa: D102
+    def forward(ctx, x, ln_w, ln_b, conv_w, conv_b, gamma, eps, padding, keep_branches, residual):  # noqa: D102
         c = x.shape[1]
         dtype = compute_dtype(x)  # the conv's dtype; LayerNorm statistics stay in x's
         conv_args = ((1, 1), _pair(padding), (1, 1))
         with no_autocast(x):
             n, mean, rstd = aten.native_layer_norm(_ln_input(_nhwc(x), ln_w), [c], ln_w, ln_b, eps)
             w, b = _scaled_conv(conv_w, conv_b, gamma, dtype)
-            out, ya, yb = product_and_branches(_nchw(n).to(dtype), w, b, conv_args, keep_branches)
+            n = _nchw(n).to(dtype)
+            out, ya, yb = product_and_branches(
+                n, w, b, conv_args, keep_branches, x if residual and dtype == x.dtype else None
+            )
+            if residual and dtype != x.dtype:  # autocast: the sum in x's dtype
+                out = x + out
         ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma, ya, yb)
-        ctx.args = (eps, conv_args, dtype)
+        ctx.args = (eps, conv_args, dtype, residual)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
         x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma, ya, yb = ctx.saved_tensors
-        eps, conv_args, dtype = ctx.args
+        eps, conv_args, dtype, residual = ctx.args
         need = ctx.needs_input_grad
         c = x.shape[1]
         x_nhwc = _ln_input(_nhwc(x), ln_w)
@@ -124,9 +129,11 @@ class _QuadraticMixerFn(torch.autograd.Function):
             [need[0], ln_w is not None, ln_b is not None],
         )
         grad_x = None if grad_x is None else _nchw(grad_x).to(x.dtype)
+        if residual and grad_x is not None:
+            grad_x = grad_x + grad.to(x.dtype)
         grad_cw = cast(grad_cw, conv_w.dtype) if need[3] else None
         grad_cb = cast(grad_cb, conv_b.dtype) if need[4] else None
-        return grad_x, grad_lw, grad_lb, grad_cw, grad_cb, grad_gamma, None, None, None
+        return grad_x, grad_lw, grad_lb, grad_cw, grad_cb, grad_gamma, None, None, None, None
 
 
 def _scaled_conv(
@@ -147,15 +154,17 @@ def quadratic_mixer(
     eps: float = 1e-6,
     padding: int = 3,
     keep_branches: bool = False,
+    residual: bool = False,
 ) -> torch.Tensor:
     """gamma * QuadraticDWConv(LayerNorm2d(x)), keeping only x and LN statistics for backward.
 
     `conv_weight` is the fused depthwise weight of `QuadraticConv2d(C, C, k, groups=C)`.
     `keep_branches=True` also keeps the conv's branches a and b (2 C per pixel), so
     backward does not recompute them: faster, for a little more memory.
+    `residual=True` returns x + (the above), the sum formed in the conv's own pass.
     """
     return _QuadraticMixerFn.apply(
-        x, ln_weight, ln_bias, conv_weight, conv_bias, gamma, eps, padding, keep_branches
+        x, ln_weight, ln_bias, conv_weight, conv_bias, gamma, eps, padding, keep_branches, residual
     )
 
 
