@@ -117,7 +117,8 @@ def conv_cases(batch: int, c: int, size: int) -> dict[str, tuple[Callable, Calla
 
 
 def gelu_case(batch: int, c: int, size: int) -> tuple[Callable, Callable]:
-    """(old, new) GELU work of the channel MLP's backward at one stage shape."""
+    """(old, new) GELU work of the channel MLP's backward at one stage shape: GELU(u),
+dL/du and fc1's bias gradient (its column sums)."""
     gen = torch.Generator().manual_seed(1)
     u = torch.randn(batch * size * size, MLP_RATIO * c, generator=gen)
     grad0 = torch.randn(u.shape, generator=gen)
@@ -126,10 +127,11 @@ def gelu_case(batch: int, c: int, size: int) -> tuple[Callable, Callable]:
 
     def old() -> Any:
         grad.copy_(grad0)
-        return F.gelu(u), torch.ops.aten.gelu_backward(grad, u)
+        grad_u = torch.ops.aten.gelu_backward(grad, u)
+        return F.gelu(u), grad_u, grad_u.sum(0)
 
     def new() -> Any:
-        return ops.gelu_and_grad(u, grad.copy_(grad0))[0]
+        return ops.gelu_and_grad(u, grad.copy_(grad0), True)
 
     return old, new
 
@@ -189,7 +191,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows.append(row(stage, op, *interleaved(old, new, args.repeats, args.min_time)))
             print(f"{stage} {op}: x{rows[-1]['speedup']:.2f}", file=sys.stderr, flush=True)
         old, new = gelu_case(args.batch, c, size)
-        rows.append(row(stage, "gelu + gelu' (MLP backward)", *interleaved(
+        rows.append(row(stage, "gelu + gelu' + bias grad (MLP backward)", *interleaved(
             old, new, args.repeats, args.min_time
         )))  # fmt: skip
         old, new = inference_gelu_case(args.batch, c, size)
