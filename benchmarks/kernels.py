@@ -118,7 +118,7 @@ def conv_cases(batch: int, c: int, size: int) -> dict[str, tuple[Callable, Calla
 
 def gelu_case(batch: int, c: int, size: int) -> tuple[Callable, Callable]:
     """(old, new) GELU work of the channel MLP's backward at one stage shape: GELU(u),
-dL/du and fc1's bias gradient (its column sums)."""
+    dL/du and fc1's bias gradient (its column sums)."""
     gen = torch.Generator().manual_seed(1)
     u = torch.randn(batch * size * size, MLP_RATIO * c, generator=gen)
     grad0 = torch.randn(u.shape, generator=gen)
