@@ -4,9 +4,9 @@ The 4x4 stride-4 stem and the 2x2 stride-2 downsamples of QuadraNet (and of HorN
 ConvNeXt) are convolutions whose windows do not overlap. On a channels-last map, each
 output pixel's window is k x k input pixels of C channels, so the convolution is
 `x_patches (M, k*k*C) @ W (k*k*C, O)` after one copy of x into patch order. On CPU this runs
-forward and backward about 1.2-1.3x faster than oneDNN's strided convolution here
-(`tests/test_patch.py` checks it against `F.conv2d`). Any other input (NCHW, CUDA,
-tracing) keeps the convolution.
+forward and backward 1.1-1.4x faster than oneDNN's strided convolution here (batch 16,
+QuadraNet-T's four shapes; `tests/test_patch.py` checks it against `F.conv2d`). Any other
+input (NCHW, CUDA, tracing) keeps the convolution.
 """
 
 from __future__ import annotations
