@@ -28,9 +28,7 @@ def check_memory_efficient(value: bool | str) -> bool | str:
     """Validate a QuadraBlock `memory_efficient` level: False (plain autograd), True (the
     least memory) or "balanced" (the spatial branch also keeps the conv's branches a and b,
     2 C per pixel, so backward does not recompute them)."""
-    if isinstance(value, str) and value == "balanced":
-        return value
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (isinstance(value, str) and value == "balanced"):
         return value
     raise ValueError(
         f"memory_efficient must be False, True (least memory) or 'balanced' (also keeps "

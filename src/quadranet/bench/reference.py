@@ -99,7 +99,14 @@ def _plain_stem_and_downsamples(model: QuadraNet) -> None:
         )
         old = parent[conv]
         assert isinstance(old, PatchConv2d), f"expected a PatchConv2d, found {type(old)}"
-        plain = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride)
+        plain = nn.Conv2d(
+            old.in_channels,
+            old.out_channels,
+            old.kernel_size,
+            old.stride,
+            device=old.weight.device,
+            dtype=old.weight.dtype,
+        )
         plain.load_state_dict(old.state_dict())
         parent[conv] = plain
 

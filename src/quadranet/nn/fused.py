@@ -3,7 +3,9 @@
 `quadratic_mixer`: gamma * QuadraticDWConv(LN(x)). Plain autograd keeps the LN output,
 the fused 3C-channel conv output and the product for backward (about 6 activation-sized
 tensors); this op keeps only x and the LayerNorm statistics, and recomputes LN and the
-conv in backward (one extra depthwise conv, a few percent of a block's FLOPs).
+conv in backward (one extra depthwise conv, a few percent of a block's FLOPs). With
+`keep_branches` it also keeps the conv's branches a and b and recomputes only LN; with
+`residual` it returns x + the branch, the sum formed in the conv's pass.
 
 `channel_mlp`: gamma * fc2(GELU(fc1(LN(x)))) on an NHWC map. Plain autograd keeps x,
 the LN output, fc1's output, GELU's output and fc2's output (11 C per pixel); this op
@@ -77,11 +79,10 @@ class _QuadraticMixerFn(torch.autograd.Function):
             n, mean, rstd = aten.native_layer_norm(_ln_input(_nhwc(x), ln_w), [c], ln_w, ln_b, eps)
             w, b = _scaled_conv(conv_w, conv_b, gamma, dtype)
             n = _nchw(n).to(dtype)
+            # with `residual`, x joins the kernel's pass (or, in another dtype, is added after)
             out, ya, yb = product_and_branches(
-                n, w, b, conv_args, keep_branches, x if residual and dtype == x.dtype else None
+                n, w, b, conv_args, keep_branches, x if residual else None
             )
-            if residual and dtype != x.dtype:  # autocast: the sum in x's dtype
-                out = x + out
         ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, conv_w, conv_b, gamma, ya, yb)
         ctx.args = (eps, conv_args, dtype, residual)
         return out
