@@ -4,7 +4,8 @@ For each stage shape of quadranet36_t (batch 16, 224x224: 56x56x64, 28x28x128, 1
 7x7x512; k = 7) times the depthwise quadratic conv's training forward (y plus a, b kept
 for backward), inference forward, backward (dx, dW, db), the channel MLP's GELU in
 backward (gelu + gelu_backward vs the one-pass kernel) and at inference (torch's GELU vs
-the in-place exp-free kernel), then one full quadranet36_t
+the in-place exp-free kernel), the whole inference MLP (whole-tensor ops vs the chunked
+kernel; the models use it at C <= 128 only), then one full quadranet36_t
 training step (forward, backward, AdamW; channels-last) with the kernels on and off.
 Old and new alternate call by call (swapping which goes first every round) so drift hits
 both alike; the table gives medians with min-max. The script re-runs itself in a child
@@ -152,6 +153,28 @@ def inference_gelu_case(batch: int, c: int, size: int) -> tuple[Callable, Callab
     return old, new
 
 
+def inference_mlp_case(batch: int, c: int, size: int) -> tuple[Callable, Callable]:
+    """(old, new) channel MLP with its residual at inference, x + fc2(GELU(fc1(LN(x)))):
+    whole-tensor ops (LayerNorm, fc1, the in-place GELU kernel, fc2, add) vs the chunked
+    kernel whose hidden activation stays in cache (`mlp_inference`)."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = MLP_RATIO * c
+    x = torch.randn(batch, size, size, c, generator=gen)
+    ln_w, ln_b, b1, b2 = (torch.randn(n, generator=gen) for n in (c, c, hidden, c))
+    w1 = torch.randn(hidden, c, generator=gen) / c**0.5
+    w2 = torch.randn(c, hidden, generator=gen) / hidden**0.5
+    ops = ext.load()
+
+    def old() -> Any:
+        h = F.linear(F.layer_norm(x, (c,), ln_w, ln_b, 1e-6), w1, b1)
+        return x + F.linear(ops.gelu_(h), w2, b2)
+
+    def new() -> Any:
+        return ops.mlp_inference(x, ln_w, ln_b, 1e-6, w1, b1, w2, b2, True)
+
+    return old, new
+
+
 def training_step(batch: int, img_size: int, model_name: str) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward, AdamW) in channels-last."""
     torch.manual_seed(0)
@@ -196,6 +219,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         )))  # fmt: skip
         old, new = inference_gelu_case(args.batch, c, size)
         rows.append(row(stage, "gelu (MLP inference, in place)", *interleaved(
+            old, new, args.repeats, args.min_time
+        )))  # fmt: skip
+        old, new = inference_mlp_case(args.batch, c, size)
+        rows.append(row(stage, "channel MLP + residual (inference, chunked)", *interleaved(
             old, new, args.repeats, args.min_time
         )))  # fmt: skip
     if args.step_rounds > 0:

@@ -5,12 +5,15 @@ only; see tests/test_quadratic.py and tests/test_fused.py); here the kernels are
 with that path in float32.
 """
 
+import importlib.util
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from quadranet import blocks
 from quadranet.blocks import QuadraBlock
 from quadranet.models.quadranet import QuadraNet
 from quadranet.nn import depthwise, ext
@@ -346,3 +349,102 @@ def test_build_key_depends_on_source_and_torch(monkeypatch):
     assert key == ext.build_key()
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
     assert ext.build_key() != key
+
+
+def mlp_reference(x, ln_w, ln_b, w1, b1, w2, b2, residual):
+    """x (+ residual) + fc2(GELU(fc1(LN(x)))) in float64."""
+    d = [None if t is None else t.double() for t in (x, ln_w, ln_b, w1, b1, w2, b2)]
+    n = F.layer_norm(d[0], (x.shape[-1],), d[1], d[2], 1e-6)
+    y = F.linear(F.gelu(F.linear(n, d[3], d[4])), d[5], d[6])
+    return (d[0] + y if residual else y).float()
+
+
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize(
+    "rows, c, hidden, chunk, affine, residual",
+    [
+        (37, 13, 52, 0, True, True),  # one chunk, channels not a multiple of 8
+        (100, 16, 64, 7, True, True),  # a last chunk of 2 rows
+        (64, 24, 40, 1, False, False),  # one row per chunk, no LN affine or biases
+        (9, 8, 32, 500, True, False),  # chunk larger than the input
+    ],
+)
+def test_chunked_inference_mlp_matches_float64(ops, rows, c, hidden, chunk, affine, residual, pack):
+    gen = torch.Generator().manual_seed(rows + c)
+    x = torch.randn(rows, c, generator=gen) * 3 + 1
+    sizes = (c, c, hidden, c)
+    ln_w, ln_b, b1, b2 = (torch.randn(n, generator=gen) if affine else None for n in sizes)
+    w1 = torch.randn(hidden, c, generator=gen) / c**0.5
+    w2 = torch.randn(c, hidden, generator=gen) / hidden**0.5
+    out = ops.mlp_inference(x, ln_w, ln_b, 1e-6, w1, b1, w2, b2, residual, chunk, pack)
+    close(out, mlp_reference(x, ln_w, ln_b, w1, b1, w2, b2, residual), rtol=1e-5)
+    # any leading shape: rows are the product of all but the last dim
+    out4 = ops.mlp_inference(x.view(1, rows, 1, c), ln_w, ln_b, 1e-6, w1, b1, w2, b2, residual)
+    assert out4.shape == (1, rows, 1, c)
+    close(out4.view(rows, c), out, rtol=1e-5)
+
+
+def test_chunked_inference_mlp_rejects_bad_input(ops):
+    x, w1, w2 = torch.randn(4, 8), torch.randn(32, 8), torch.randn(8, 32)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        ops.mlp_inference(x.double(), None, None, 1e-6, w1, None, w2, None, True)
+    with pytest.raises(RuntimeError, match="fc1"):
+        ops.mlp_inference(x, None, None, 1e-6, w1.t(), None, w2, None, True)
+    with pytest.raises(RuntimeError, match="fc1 bias"):
+        ops.mlp_inference(x, None, None, 1e-6, w1, torch.randn(8), w2, None, True)
+    empty = ops.mlp_inference(x[:0], None, None, 1e-6, w1, None, w2, None, True)
+    assert empty.shape == (0, 8)
+
+
+def test_block_inference_uses_the_chunked_mlp_on_large_maps(spy, monkeypatch):
+    torch.manual_seed(8)
+    block = QuadraBlock(16, kernel_size=3, drop_path=0.1, layer_scale_init=0.5).eval()
+    x = torch.randn(2, 16, 9, 7).contiguous(memory_format=CL)
+    with torch.no_grad():
+        with ext.cpu_kernels(False):
+            expected = block(x)
+        block(x)  # a small map: the unchunked MLP (its in-place GELU)
+        assert "mlp_inference" not in spy.calls and "gelu_" in spy.calls
+        monkeypatch.setattr(blocks, "FUSED_MLP_MIN_HIDDEN", 0)
+        spy.calls.clear()
+        actual = block(x)
+        assert spy.calls == ["quadratic_forward", "mlp_inference"]
+        close(actual, expected, rtol=1e-5)
+        assert actual.is_contiguous(memory_format=CL)
+        # not fused: drop-path active, gradients, a tanh GELU, more than 128 channels
+        for case in ("train", "grad", "tanh"):
+            spy.calls.clear()
+            block.train(case == "train")
+            with torch.set_grad_enabled(case == "grad"):
+                if case == "tanh":
+                    block.mlp.act = torch.nn.GELU(approximate="tanh")
+                block(x)
+            assert "mlp_inference" not in spy.calls, case
+        wide = QuadraBlock(136, kernel_size=3).eval()
+        spy.calls.clear()
+        wide(torch.randn(1, 136, 3, 3).contiguous(memory_format=CL))
+        assert "mlp_inference" not in spy.calls
+
+
+def test_model_inference_with_the_chunked_mlp_matches(spy, monkeypatch):
+    monkeypatch.setattr(blocks, "FUSED_MLP_MIN_HIDDEN", 0)
+    torch.manual_seed(9)
+    model = QuadraNet(depths=(1, 1), dims=(16, 32), num_classes=5).eval()
+    model = model.to(memory_format=CL)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    with torch.no_grad():
+        with ext.cpu_kernels(False):
+            expected = model(x)
+        actual = model(x)
+    assert spy.calls.count("mlp_inference") == 2
+    close(actual, expected, rtol=1e-4)
+
+
+def test_kernel_benchmark_mlp_case_compares_equal_work(ops):
+    """benchmarks/kernels.py times two implementations of the same result."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("kernel_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    old, new = bench.inference_mlp_case(2, 16, 5)
+    close(new(), old(), rtol=1e-5)

@@ -70,6 +70,10 @@ class PlainChannelMlp(ChannelMlp):
         y = self.fc2(self.act(self.fc1(self.norm(x))))
         return y if self.gamma is None else y * self.gamma
 
+    def fused_residual(self, x: torch.Tensor) -> None:
+        """Never fused: the reference keeps the plain modules."""
+        return None
+
 
 class ReferenceQuadraBlock(MixerBlock):
     """QuadraBlock with the unfused quadratic conv and an element-wise norm1."""

@@ -19,13 +19,29 @@
 // ops are registered with the dispatcher and called as torch.ops.quadranet_cpu.*.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <new>
 #include <vector>
+
+// MKL's packed matrix products, which the x86 builds of libtorch export. Declared weak: on
+// a build without them the pointers are null and the channel MLP uses at::mm_out instead.
+extern "C" {
+__attribute__((weak)) size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
+__attribute__((weak)) void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n,
+                                            int k, float alpha, const float* src, int ld,
+                                            float* dest);
+__attribute__((weak)) void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n,
+                                               int k, const float* a, int lda, const float* b,
+                                               int ldb, float beta, float* c, int ldc);
+}
 
 namespace {
 
@@ -685,6 +701,159 @@ at::Tensor gelu(const at::Tensor& u) {
   return z;
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Channel MLP at inference, x + fc2(GELU(fc1(LN(x)))) over the last dim, in chunks of rows:
+// each thread normalises a chunk, multiplies it by fc1 into a buffer that stays in its
+// cache, applies bias + GELU there and accumulates fc2's product into the output, which
+// already holds x + fc2's bias. Unchunked, the 4C-wide hidden activation goes to memory
+// and back three times (fc1's output, GELU in place, fc2's input), plus a pass each for
+// LayerNorm's output and the residual add: on maps with few channels (QuadraNet's stages
+// 1-2) those passes cost more than the chunks' smaller matrix products lose.
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+
+bool have_packed_gemm() {
+  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+         cblas_sgemm_compute != nullptr;
+}
+
+// C (rows x n) = beta C + A (rows x k) W^T for a row-major weight W (n x k), called from
+// inside a parallel region (the products run on the calling thread). With MKL's packed
+// API the weight is packed once for all chunks instead of once per call.
+class RowGemm {
+ public:
+  RowGemm(const at::Tensor& w, int64_t max_rows, bool pack)
+      : w_(w.contiguous()), n_(w.size(0)), k_(w.size(1)) {
+    if (pack && have_packed_gemm() && max_rows > 0) {
+      const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(max_rows), int(n_), int(k_));
+      packed_.resize((bytes + sizeof(float) - 1) / sizeof(float));
+      cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, int(max_rows), int(n_), int(k_), 1.f,
+                       w_.data_ptr<float>(), int(k_), packed_.data());
+    }
+  }
+
+  void run(int64_t rows, const float* a, float beta, float* c) const {
+    if (!packed_.empty()) {
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(rows), int(n_), int(k_), a, int(k_),
+                          packed_.data(), int(k_), beta, c, int(n_));
+      return;
+    }
+    const auto opt = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor at_ = at::from_blob(const_cast<float*>(a), {rows, k_}, opt);
+    at::Tensor ct = at::from_blob(c, {rows, n_}, opt);
+    if (beta == 0.f) {
+      at::mm_out(ct, at_, w_.t());
+    } else {
+      at::addmm_out(ct, ct, at_, w_.t());
+    }
+  }
+
+ private:
+  at::Tensor w_;
+  int64_t n_, k_;
+  Floats packed_;
+};
+
+// out = LayerNorm(x) over one row of c values (two passes over the row, in cache).
+void layer_norm_row(const float* x, int64_t c, const float* w, const float* b, float eps,
+                    float* out) {
+  const int64_t full = c / L * L;
+  vf acc = {};
+  for (int64_t j = 0; j < full; j += L) acc += load(x + j);
+  float mean = 0.f;
+  for (int i = 0; i < L; ++i) mean += acc[i];
+  for (int64_t j = full; j < c; ++j) mean += x[j];
+  mean /= static_cast<float>(c);
+  acc = vf{};
+  for (int64_t j = 0; j < full; j += L) {
+    const vf d = load(x + j) - mean;
+    acc += d * d;
+  }
+  float var = 0.f;
+  for (int i = 0; i < L; ++i) var += acc[i];
+  for (int64_t j = full; j < c; ++j) var += (x[j] - mean) * (x[j] - mean);
+  const float rstd = 1.f / std::sqrt(var / static_cast<float>(c) + eps);
+  for (int64_t j = 0; j < c; j += L) {
+    const int64_t n = std::min<int64_t>(L, c - j);
+    vf y = (load_n(x + j, n) - mean) * rstd;
+    if (w != nullptr) y *= load_n(w + j, n);
+    if (b != nullptr) y += load_n(b + j, n);
+    store_n(out + j, y, n);
+  }
+}
+
+const float* optional_data(const c10::optional<at::Tensor>& t, int64_t size, const char* name) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == size,
+              "mlp_inference: ", name, " must be a contiguous float32 tensor of ", size,
+              " values, got ", t->scalar_type(), " ", t->sizes());
+  return t->data_ptr<float>();
+}
+
+// Returns (residual ? x : 0) + fc2(GELU(fc1(LN(x)))) for x (..., C) contiguous float32;
+// fc1: w1 (H, C), b1 (H); fc2: w2 (C, H), b2 (C) (a layer scale already folded in).
+// `chunk` rows per task; 0 picks about 512 KiB of hidden activation per chunk (L2 size).
+// `pack`: multiply by MKL-packed weights where libtorch exports that API (else, and with
+// pack = false, at::mm_out per chunk).
+at::Tensor mlp_inference(const at::Tensor& x, const c10::optional<at::Tensor>& ln_w,
+                         const c10::optional<at::Tensor>& ln_b, double eps, const at::Tensor& w1,
+                         const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                         const c10::optional<at::Tensor>& b2, bool residual, int64_t chunk,
+                         bool pack) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.dim() >= 1,
+              "mlp_inference: expected a contiguous float32 CPU tensor (..., C), got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t c = x.size(-1), hid = w1.size(0), rows = c > 0 ? x.numel() / c : 0;
+  TORCH_CHECK(w1.scalar_type() == at::kFloat && w2.scalar_type() == at::kFloat &&
+                  w1.dim() == 2 && w2.dim() == 2 && w1.size(1) == c && w2.size(0) == c &&
+                  w2.size(1) == hid,
+              "mlp_inference: expected float32 weights fc1 (H, ", c, ") and fc2 (", c,
+              ", H), got ", w1.sizes(), " and ", w2.sizes());
+  const float* lw = optional_data(ln_w, c, "ln_weight");
+  const float* lb = optional_data(ln_b, c, "ln_bias");
+  const float* b1p = optional_data(b1, hid, "fc1 bias");
+  const float* b2p = optional_data(b2, c, "fc2 bias");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (rows == 0 || hid == 0) return residual ? out.copy_(x) : out.zero_();
+  if (chunk <= 0) chunk = std::max<int64_t>(16, 131072 / hid);
+  chunk = std::min(chunk, rows);
+  const RowGemm fc1(w1, chunk, pack), fc2(w2, chunk, pack);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
+    Floats nbuf(chunk * c), hbuf(chunk * hid);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * chunk, r = std::min(chunk, rows - r0);
+      for (int64_t i = 0; i < r; ++i) {
+        const float* xr = xp + (r0 + i) * c;
+        float* orow = op + (r0 + i) * c;
+        layer_norm_row(xr, c, lw, lb, feps, nbuf.data() + i * c);
+        for (int64_t j = 0; j < c; j += L) {
+          const int64_t n = std::min<int64_t>(L, c - j);
+          vf o = residual ? load_n(xr + j, n) : vf{};
+          if (b2p != nullptr) o += load_n(b2p + j, n);
+          store_n(orow + j, o, n);
+        }
+      }
+      fc1.run(r, nbuf.data(), 0.f, hbuf.data());
+      for (int64_t i = 0; i < r; ++i) {
+        float* hr = hbuf.data() + i * hid;
+        for (int64_t j = 0; j < hid; j += L) {
+          const int64_t n = std::min<int64_t>(L, hid - j);
+          vf u = load_n(hr + j, n);
+          if (b1p != nullptr) u += load_n(b1p + j, n);
+          store_n(hr + j, u * normal_cdf_fast(u), n);
+        }
+      }
+      fc2.run(r, hbuf.data(), 1.f, op + r0 * c);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quadranet_cpu, m) {
@@ -697,6 +866,9 @@ TORCH_LIBRARY(quadranet_cpu, m) {
   m.def("gelu_and_grad(Tensor u, Tensor(a!) grad, bool want_sum=False) -> Tensor[]");
   m.def("gelu_(Tensor(a!) u) -> Tensor(a!)");
   m.def("gelu(Tensor u) -> Tensor");
+  m.def(
+      "mlp_inference(Tensor x, Tensor? ln_weight, Tensor? ln_bias, float eps, Tensor w1, "
+      "Tensor? b1, Tensor w2, Tensor? b2, bool residual, int chunk=0, bool pack=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quadranet_cpu, CPU, m) {
@@ -705,4 +877,5 @@ TORCH_LIBRARY_IMPL(quadranet_cpu, CPU, m) {
   m.impl("gelu_and_grad", &gelu_and_grad);
   m.impl("gelu_", &gelu_);
   m.impl("gelu", &gelu);
+  m.impl("mlp_inference", &mlp_inference);
 }
