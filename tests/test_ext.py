@@ -13,10 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quadranet import blocks
 from quadranet.blocks import QuadraBlock
 from quadranet.models.quadranet import QuadraNet
-from quadranet.nn import depthwise, ext
+from quadranet.nn import depthwise, ext, fused
 from quadranet.nn.depthwise import branch_convs, depthwise_quadratic_conv2d
 from quadranet.nn.fused import channel_mlp
 
@@ -351,6 +350,15 @@ def test_build_key_depends_on_source_and_torch(monkeypatch):
     assert ext.build_key() != key
 
 
+def mlp_params(gen, c, hidden, affine):
+    """(ln_w, ln_b, w1, b1, w2, b2) of a channel MLP; without `affine`, no LN affine or biases."""
+    sizes = (c, c, hidden, c)
+    ln_w, ln_b, b1, b2 = (torch.randn(n, generator=gen) if affine else None for n in sizes)
+    w1 = torch.randn(hidden, c, generator=gen) / c**0.5
+    w2 = torch.randn(c, hidden, generator=gen) / hidden**0.5
+    return ln_w, ln_b, w1, b1, w2, b2
+
+
 def mlp_reference(x, ln_w, ln_b, w1, b1, w2, b2, residual):
     """x (+ residual) + fc2(GELU(fc1(LN(x)))) in float64."""
     d = [None if t is None else t.double() for t in (x, ln_w, ln_b, w1, b1, w2, b2)]
@@ -372,10 +380,7 @@ def mlp_reference(x, ln_w, ln_b, w1, b1, w2, b2, residual):
 def test_chunked_inference_mlp_matches_float64(ops, rows, c, hidden, chunk, affine, residual, pack):
     gen = torch.Generator().manual_seed(rows + c)
     x = torch.randn(rows, c, generator=gen) * 3 + 1
-    sizes = (c, c, hidden, c)
-    ln_w, ln_b, b1, b2 = (torch.randn(n, generator=gen) if affine else None for n in sizes)
-    w1 = torch.randn(hidden, c, generator=gen) / c**0.5
-    w2 = torch.randn(c, hidden, generator=gen) / hidden**0.5
+    ln_w, ln_b, w1, b1, w2, b2 = mlp_params(gen, c, hidden, affine)
     out = ops.mlp_inference(x, ln_w, ln_b, 1e-6, w1, b1, w2, b2, residual, chunk, pack)
     close(out, mlp_reference(x, ln_w, ln_b, w1, b1, w2, b2, residual), rtol=1e-5)
     # any leading shape: rows are the product of all but the last dim
@@ -405,7 +410,7 @@ def test_block_inference_uses_the_chunked_mlp_on_large_maps(spy, monkeypatch):
             expected = block(x)
         block(x)  # a small map: the unchunked MLP (its in-place GELU)
         assert "mlp_inference" not in spy.calls and "gelu_" in spy.calls
-        monkeypatch.setattr(blocks, "FUSED_MLP_MIN_HIDDEN", 0)
+        monkeypatch.setattr(fused, "CHUNKED_MLP_MIN_HIDDEN", 0)
         spy.calls.clear()
         actual = block(x)
         assert spy.calls == ["quadratic_forward", "mlp_inference"]
@@ -427,7 +432,7 @@ def test_block_inference_uses_the_chunked_mlp_on_large_maps(spy, monkeypatch):
 
 
 def test_model_inference_with_the_chunked_mlp_matches(spy, monkeypatch):
-    monkeypatch.setattr(blocks, "FUSED_MLP_MIN_HIDDEN", 0)
+    monkeypatch.setattr(fused, "CHUNKED_MLP_MIN_HIDDEN", 0)
     torch.manual_seed(9)
     model = QuadraNet(depths=(1, 1), dims=(16, 32), num_classes=5).eval()
     model = model.to(memory_format=CL)
@@ -448,3 +453,92 @@ def test_kernel_benchmark_mlp_case_compares_equal_work(ops):
     spec.loader.exec_module(bench)
     old, new = bench.inference_mlp_case(2, 16, 5)
     close(new(), old(), rtol=1e-5)
+
+
+def mlp_float64_grads(x, params, grad, residual):
+    """Output and gradients of x (+ residual) + fc2(GELU(fc1(LN(x)))) under float64 autograd;
+    params = (ln_w, ln_b, w1, b1, w2, b2), any of ln_w, ln_b, b1, b2 may be None."""
+    leaves = [t.double().requires_grad_() if t is not None else None for t in (x, *params)]
+    x64, ln_w, ln_b, w1, b1, w2, b2 = leaves
+    n = F.layer_norm(x64, (x.shape[-1],), ln_w, ln_b, 1e-6)
+    y = F.linear(F.gelu(F.linear(n, w1, b1)), w2, b2)
+    out = x64 + y if residual else y
+    out.backward(grad.double())
+    return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize(
+    "rows, c, hidden, chunk, affine, residual",
+    [
+        (150, 13, 52, 0, True, True),  # channels not a multiple of 8, one chunk
+        (150, 16, 64, 32, True, False),  # a last chunk of 22 rows
+        (64, 24, 40, 1, False, True),  # one row per chunk, no LN affine or biases
+    ],
+)
+def test_chunked_training_mlp_matches_float64(ops, rows, c, hidden, chunk, affine, residual):
+    gen = torch.Generator().manual_seed(rows * c)
+    x = torch.randn(rows, c, generator=gen) * 2 + 0.5
+    ln_w, ln_b, w1, b1, w2, b2 = mlp_params(gen, c, hidden, affine)
+    grad = torch.randn(rows, c, generator=gen)
+    out, u, mean, rstd = ops.mlp_forward(x, ln_w, ln_b, 1e-6, w1, b1, w2, b2, residual, chunk)
+    expected, grads = mlp_float64_grads(x, (ln_w, ln_b, w1, b1, w2, b2), grad, residual)
+    close(out, expected.float(), rtol=1e-5)
+    close(u, F.linear(F.layer_norm(x, (c,), ln_w, ln_b, 1e-6), w1, b1), rtol=1e-5)
+    assert mean.shape == rstd.shape == (rows, 1)
+    close(mean, x.mean(-1, keepdim=True), rtol=1e-5)
+    back = ops.mlp_backward(x, mean, rstd, u, grad, ln_w, ln_b, w1, w2, residual, chunk)
+    gx, glw, glb, gw1, gb1, m, g_sum = back
+    close(gx, grads[0].float())
+    close(gw1, grads[3].float())
+    close(m, grads[5].float())  # fc2 weight gradient: G^T Z (no layer scale here)
+    close(g_sum, grad.sum(0))
+    if affine:
+        for actual, expected_grad in zip((glw, glb, gb1), (grads[1], grads[2], grads[4])):
+            close(actual, expected_grad.float())
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.mlp_backward(x, mean, rstd, u[:-1], grad, ln_w, ln_b, w1, w2, residual, chunk)
+
+
+@pytest.mark.parametrize("use_gamma, residual", [(True, True), (False, False), (True, False)])
+def test_channel_mlp_uses_the_chunked_kernels_on_large_maps(spy, monkeypatch, use_gamma, residual):
+    torch.manual_seed(10)
+    c, h = 12, 48
+    args = [torch.randn(2, 5, 7, c), torch.randn(c), torch.randn(c), torch.randn(h, c) / 4]
+    args += [torch.randn(h), torch.randn(c, h) / 7, torch.randn(c)]
+    args.append(torch.rand(c) + 0.5 if use_gamma else None)
+    grad = torch.randn(2, 5, 7, c)
+
+    def step():
+        leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
+        out = channel_mlp(*leaves, 1e-6, residual)
+        out.backward(grad)
+        return [out.detach()] + [t.grad for t in leaves if t is not None]
+
+    expected = step()  # a small map: the whole-tensor path
+    assert "mlp_forward" not in spy.calls
+    monkeypatch.setattr(fused, "CHUNKED_MLP_MIN_HIDDEN", 0)
+    spy.calls.clear()
+    actual = step()
+    assert spy.calls == ["mlp_forward", "mlp_backward"]
+    for a, e in zip(actual, expected, strict=True):
+        close(a, e, rtol=2e-5)
+    monkeypatch.setattr(fused, "CHUNKED_MLP_MAX_DIM", c - 1)  # too many channels: not chunked
+    spy.calls.clear()
+    step()
+    assert "mlp_forward" not in spy.calls
+
+
+def test_training_steps_with_the_chunked_mlp_match(spy, monkeypatch):
+    monkeypatch.setattr(fused, "CHUNKED_MLP_MIN_HIDDEN", 0)
+    torch.manual_seed(11)
+    model = QuadraNet(num_classes=5, depths=(1, 1), dims=(8, 16), stem_stride=2)
+    model = model.to(memory_format=CL)
+    image = torch.randn(2, 3, 16, 16).contiguous(memory_format=CL)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    expected = grads_after_step(model, image, "balanced", False)
+    actual = grads_after_step(model, image, "balanced", True)
+    assert spy.calls.count("mlp_forward") == spy.calls.count("mlp_backward") == 2
+    for a, e in zip(actual, expected, strict=True):
+        close(a, e, rtol=2e-4)

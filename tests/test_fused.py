@@ -49,13 +49,14 @@ def test_quadratic_mixer_gradcheck_with_frozen_or_missing_parts(frozen, keep_bra
     assert gradcheck(fn, (x, ln_w, ln_b, w, gamma))
 
 
+@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("use_gamma", [True, False])
-def test_channel_mlp_gradcheck(use_gamma):
+def test_channel_mlp_gradcheck(use_gamma, residual):
     torch.manual_seed(1)
     c, h = 4, 12
     args = [rand(2, 3, 3, c), rand(c), rand(c), rand(h, c), rand(h), rand(c, h), rand(c)]
     args.append(rand(c) if use_gamma else None)
-    assert gradcheck(lambda *a: channel_mlp(*a, 1e-6), tuple(args))
+    assert gradcheck(lambda *a: channel_mlp(*a, 1e-6, residual), tuple(args))
 
 
 def _run_block(block, x, memory_efficient):

@@ -18,16 +18,16 @@ from torch import nn
 
 from quadranet.nn import LayerNorm2d, QuadraticConv2d, quadratic_conv2d
 from quadranet.nn.depthwise import quadratic_product
-from quadranet.nn.ext import gelu_kernel, kernels, usable
-from quadranet.nn.fused import channel_mlp, fold_layer_scale, quadratic_mixer
+from quadranet.nn.ext import gelu_kernel
+from quadranet.nn.fused import (
+    channel_mlp,
+    chunked_mlp_kernels,
+    fold_fc2_scale,
+    fold_layer_scale,
+    quadratic_mixer,
+)
 
 LN_EPS = 1e-6
-# The chunked inference MLP (`ChannelMlp.fused_residual`) pays where fc1's output does not
-# fit in the caches and the matrix products are narrow. Measured on a 2-core Zen 3 at
-# QuadraNet's stage shapes (`benchmarks/kernels.py`, batches 1-32): 1.06-1.27x at C <= 128
-# with >= 16 MiB of hidden activation, 0.66-1.05x with less, 0.72-0.99x at C >= 256.
-FUSED_MLP_MAX_DIM = 128
-FUSED_MLP_MIN_HIDDEN = 1 << 22  # floats of fc1 output (16 MiB)
 
 
 def check_memory_efficient(value: bool | str) -> bool | str:
@@ -77,17 +77,7 @@ class ChannelMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.memory_efficient and torch.is_grad_enabled():
-            return channel_mlp(
-                x,
-                self.norm.weight,
-                self.norm.bias,
-                self.fc1.weight,
-                self.fc1.bias,
-                self.fc2.weight,
-                self.fc2.bias,
-                self.gamma,
-                self.norm.eps,
-            )
+            return self._memory_efficient_op(x, residual=False)
         h = self.fc1(self.norm(x))
         ops = gelu_kernel(h) if self._exact_gelu() and not torch.is_grad_enabled() else None
         h = ops.gelu_(h) if ops is not None else self.act(h)  # in place at inference
@@ -96,40 +86,37 @@ class ChannelMlp(nn.Module):
         if torch.is_grad_enabled():
             return self.fc2(h) * self.gamma
         # inference: the layer scale folded into fc2 (no pass over the output)
-        weight, bias = self._folded_fc2()
+        weight, bias = fold_fc2_scale(self.fc2.weight, self.fc2.bias, self.gamma)
         return F.linear(h, weight, bias)
+
+    def _memory_efficient_op(self, x: torch.Tensor, residual: bool) -> torch.Tensor:
+        norm, fc1, fc2 = self.norm, self.fc1, self.fc2
+        return channel_mlp(
+            x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.gamma,
+            norm.eps, residual,
+        )  # fmt: skip
 
     def _exact_gelu(self) -> bool:
         """The activation is the erf GELU that the C++ kernels compute."""
         return isinstance(self.act, nn.GELU) and self.act.approximate == "none"
 
-    def _folded_fc2(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """fc2's weight and bias with the layer scale folded in (inference)."""
-        if self.gamma is None:
-            return self.fc2.weight, self.fc2.bias
-        bias = None if self.fc2.bias is None else self.fc2.bias * self.gamma
-        return self.fc2.weight * self.gamma.unsqueeze(1), bias
-
     def fused_residual(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x + self(x) for an NHWC map at inference, as one chunked C++ op whose hidden
-        activation stays in cache; None where that is not faster or does not apply
-        (gradients, a non-exact GELU, adapted layers, tensors the CPU kernels do not take)."""
-        c, hidden = x.shape[-1], self.fc1.out_features
-        if (
-            torch.is_grad_enabled()
-            or not self._exact_gelu()
-            or not (type(self.fc1) is type(self.fc2) is nn.Linear)
-            or c > FUSED_MLP_MAX_DIM
-            or x.numel() // max(c, 1) * hidden < FUSED_MLP_MIN_HIDDEN
-            or not x.is_contiguous()
-            or not usable(x, self.fc1.weight, self.fc2.weight, self.norm.weight)
-        ):
+        """x + self(x) for an NHWC map as one op, or None where that does not apply.
+
+        Training with `memory_efficient`: the `channel_mlp` op with the residual added
+        inside (chunked C++ kernels on large maps with few channels). Inference: the chunked
+        kernel where it pays (`quadranet.nn.fused.chunked_mlp_kernels`). Not with a
+        non-exact GELU or adapted (non-Linear) fc layers.
+        """
+        if not (self._exact_gelu() and type(self.fc1) is type(self.fc2) is nn.Linear):
             return None
-        ops = kernels()
+        if torch.is_grad_enabled():
+            return self._memory_efficient_op(x, residual=True) if self.memory_efficient else None
+        norm = self.norm
+        ops = chunked_mlp_kernels(x, self.fc1.out_features, norm.weight, self.fc1.weight)
         if ops is None:
             return None
-        w2, b2 = self._folded_fc2()
-        norm = self.norm
+        w2, b2 = fold_fc2_scale(self.fc2.weight, self.fc2.bias, self.gamma)
         return ops.mlp_inference(
             x, norm.weight, norm.bias, norm.eps, self.fc1.weight, self.fc1.bias, w2, b2, True
         )
@@ -185,7 +172,7 @@ class MixerBlock(nn.Module):
             x = self.spatial_residual(x)
         x_nhwc = x.permute(0, 2, 3, 1)
         if not self.training or isinstance(self.drop_path, nn.Identity):
-            out = self.mlp.fused_residual(x_nhwc)  # inference on large maps, else None
+            out = self.mlp.fused_residual(x_nhwc)  # one op where that applies, else None
             if out is not None:
                 return out.permute(0, 3, 1, 2)
         return x + self.drop_path(self.mlp(x_nhwc).permute(0, 3, 1, 2))

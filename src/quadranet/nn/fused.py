@@ -12,7 +12,9 @@ the LN output, fc1's output, GELU's output and fc2's output (11 C per pixel); th
 keeps x, the LN statistics and fc1's output (5 C per pixel), recomputing LN and GELU.
 The layer-scale gradient comes from the fc2 weight-gradient product, so fc2 is never
 recomputed: with M = G^T Z (G the output gradient, Z = GELU(U)),
-dW2 = gamma * M and dgamma = rowsum(M * W2) + b2 * colsum(G).
+dW2 = gamma * M and dgamma = rowsum(M * W2) + b2 * colsum(G). On large float32 CPU maps
+with few channels both passes run as chunked C++ kernels (`chunked_mlp_kernels`) whose
+activation-sized intermediates stay in cache; with `residual` the op returns x + the above.
 """
 
 from __future__ import annotations
@@ -30,9 +32,34 @@ from quadranet.nn.depthwise import (
     no_autocast,
     product_and_branches,
 )
-from quadranet.nn.ext import gelu_kernel
+from quadranet.nn.ext import gelu_kernel, kernels, usable
 
 aten = torch.ops.aten
+
+# The chunked channel-MLP kernels (`chunked_mlp_kernels`) pay where fc1's output does not fit
+# in the caches and the matrix products are narrow. Measured on a 2-core Zen 3 at
+# QuadraNet's stage shapes (`benchmarks/kernels.py`), inference 1.06-1.27x and training
+# (forward + backward) 1.10-1.28x at C <= 128 with >= 16 MiB of hidden activation; 0.66-1.05x
+# with less, and 0.72-0.99x at C >= 256, where the whole-tensor products run faster.
+CHUNKED_MLP_MAX_DIM = 128
+CHUNKED_MLP_MIN_HIDDEN = 1 << 22  # floats of fc1 output (16 MiB)
+
+
+def chunked_mlp_kernels(
+    x: torch.Tensor, hidden: int, *params: torch.Tensor | None
+) -> object | None:
+    """The C++ ops when the chunked MLP kernels apply to the NHWC map x and pay: contiguous
+    float32 CPU tensors outside low-precision autocast, C <= CHUNKED_MLP_MAX_DIM and at least
+    CHUNKED_MLP_MIN_HIDDEN values of hidden activation; else None."""
+    c = x.shape[-1]
+    if (
+        c > CHUNKED_MLP_MAX_DIM
+        or x.numel() // max(c, 1) * hidden < CHUNKED_MLP_MIN_HIDDEN
+        or not x.is_contiguous()
+        or not usable(x, *params)
+    ):
+        return None
+    return kernels()
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -171,21 +198,26 @@ def quadratic_mixer(
 
 class _ChannelMlpFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, gamma, eps):  # noqa: D102
+    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, gamma, eps, residual):  # noqa: D102
         c = x.shape[-1]
+        ctx.eps, ctx.residual = eps, residual
+        ops = chunked_mlp_kernels(x, w1.shape[0], ln_w, ln_b, w1, b1, w2, b2, gamma)
+        ctx.chunked = ops is not None
+        if ops is not None:
+            w2s, b2s = fold_fc2_scale(w2, b2, gamma)
+            out, u, mean, rstd = ops.mlp_forward(x, ln_w, ln_b, eps, w1, b1, w2s, b2s, residual)
+            ctx.save_for_backward(x, mean, rstd, u, ln_w, ln_b, w1, w2, b2, gamma)
+            return out
         dtype = compute_dtype(x)  # the matmuls' dtype; LayerNorm statistics stay in x's
         with no_autocast(x):
             n, mean, rstd = aten.native_layer_norm(_ln_input(x, ln_w), [c], ln_w, ln_b, eps)
             u = F.linear(n.to(dtype), w1.to(dtype), cast(b1, dtype))
-            w2s, b2s = w2, b2
-            if gamma is not None:  # layer scale folded into fc2: no pass over the output
-                w2s, b2s = w2 * gamma.unsqueeze(1), None if b2 is None else b2 * gamma
+            w2s, b2s = fold_fc2_scale(w2, b2, gamma)  # layer scale in fc2: no pass over the output
             ops = gelu_kernel(u)  # the C++ GELU: one read of u, one write of z
             z = ops.gelu(u) if ops is not None else F.gelu(u)
             out = F.linear(z, w2s.to(dtype), cast(b2s, dtype))
         ctx.save_for_backward(x, mean, rstd, u, ln_w, ln_b, w1, w2, b2, gamma)
-        ctx.eps = eps
-        return out
+        return x + out if residual else out
 
     @staticmethod
     @once_differentiable
@@ -193,9 +225,26 @@ class _ChannelMlpFn(torch.autograd.Function):
         x, mean, rstd, u, ln_w, ln_b, w1, w2, b2, gamma = ctx.saved_tensors
         c, hidden, dtype = x.shape[-1], u.shape[-1], u.dtype
         need = ctx.needs_input_grad
-        g = grad.reshape(-1, c).to(dtype)
         # dL/dZ = (G gamma) W2 = G (gamma W2): the layer scale folded into the small weight
-        w2s = (w2 * gamma.unsqueeze(1) if gamma is not None else w2).to(dtype)
+        w2s = fold_fc2_scale(w2, None, gamma)[0].to(dtype)
+        if ctx.chunked:
+            grad_x, grad_lw, grad_lb, grad_w1, grad_b1, m, g_sum = kernels().mlp_backward(
+                x, mean, rstd, u, grad.contiguous(), ln_w, ln_b, w1, w2s, ctx.residual
+            )
+            grad_w2, grad_b2, grad_gamma = _fc2_grads(m, g_sum, w2, b2, gamma, need[7])
+            return (
+                grad_x if need[0] else None,
+                grad_lw if ln_w is not None else None,
+                grad_lb if ln_b is not None else None,
+                grad_w1,
+                grad_b1 if need[4] else None,
+                grad_w2,
+                grad_b2 if b2 is not None and need[6] else None,
+                grad_gamma,
+                None,
+                None,
+            )
+        g = grad.reshape(-1, c).to(dtype)
         u2 = u.reshape(-1, hidden)
         ops = gelu_kernel(u2)
         grad_b1 = None
@@ -209,14 +258,9 @@ class _ChannelMlpFn(torch.autograd.Function):
         # runs about 20% faster with MKL here (stage 1: 117 vs 143 GFLOP/s)
         m = (z.t() @ g).t().to(_acc(dtype))
         del z
-        g_sum = g.sum(0, dtype=_acc(dtype))
-        if gamma is not None:
-            grad_gamma = (
-                (m * w2).sum(1) + (b2 * g_sum if b2 is not None else 0) if need[7] else None
-            )
-            grad_w2, grad_b2 = (m * gamma.unsqueeze(1)).contiguous(), g_sum * gamma
-        else:
-            grad_gamma, grad_w2, grad_b2 = None, m.contiguous(), g_sum
+        grad_w2, grad_b2, grad_gamma = _fc2_grads(
+            m, g.sum(0, dtype=_acc(dtype)), w2, b2, gamma, need[7]
+        )
         del m
         if grad_u is None:
             grad_u = aten.gelu_backward(g @ w2s, u2)
@@ -231,6 +275,8 @@ class _ChannelMlpFn(torch.autograd.Function):
             grad_n, x_ln, [c], mean, rstd, ln_w, ln_b, [need[0], ln_w is not None, ln_b is not None]
         )
         grad_x = None if grad_x is None else grad_x.to(x.dtype)
+        if ctx.residual and grad_x is not None:
+            grad_x = grad_x + grad.to(x.dtype)
         return (
             grad_x,
             grad_lw,
@@ -239,9 +285,40 @@ class _ChannelMlpFn(torch.autograd.Function):
             grad_b1,
             grad_w2.to(w2.dtype),
             grad_b2 if b2 is not None and need[6] else None,
-            cast(grad_gamma, gamma.dtype) if gamma is not None else None,
+            grad_gamma,
+            None,
             None,
         )
+
+
+def fold_fc2_scale(
+    w2: torch.Tensor, b2: torch.Tensor | None, gamma: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fc2's weight and bias with the layer scale folded in: gamma * (W2 z + b2) (no pass
+    over the output)."""
+    if gamma is None:
+        return w2, b2
+    return w2 * gamma.unsqueeze(1), None if b2 is None else b2 * gamma
+
+
+def _fc2_grads(
+    m: torch.Tensor,
+    g_sum: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    need_gamma: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of fc2's weight and bias and of the layer scale from M = G^T Z and the
+    column sums of G: dW2 = gamma M, db2 = gamma colsum(G),
+    dgamma = rowsum(M * W2) + b2 colsum(G)."""
+    if gamma is None:
+        return m.to(w2.dtype).contiguous(), g_sum, None
+    grad_gamma = None
+    if need_gamma:
+        grad_gamma = (m * w2).sum(1) + (b2 * g_sum if b2 is not None else 0)
+        grad_gamma = grad_gamma.to(gamma.dtype)
+    return (m * gamma.unsqueeze(1)).to(w2.dtype).contiguous(), g_sum * gamma, grad_gamma
 
 
 def channel_mlp(
@@ -254,8 +331,10 @@ def channel_mlp(
     fc2_bias: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float = 1e-6,
+    residual: bool = False,
 ) -> torch.Tensor:
-    """gamma * fc2(GELU(fc1(LN(x)))) over the last dim, keeping x, LN stats and fc1's output."""
+    """gamma * fc2(GELU(fc1(LN(x)))) over the last dim, keeping x, LN stats and fc1's output;
+    with `residual`, x + that."""
     return _ChannelMlpFn.apply(
-        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, eps
+        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, eps, residual
     )

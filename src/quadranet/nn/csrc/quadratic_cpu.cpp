@@ -22,10 +22,12 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -755,9 +757,10 @@ class RowGemm {
   Floats packed_;
 };
 
-// out = LayerNorm(x) over one row of c values (two passes over the row, in cache).
+// out = LayerNorm(x) over one row of c values (two passes over the row, in cache); the
+// row's mean and 1 / std go to *mean_out and *rstd_out where those are not null.
 void layer_norm_row(const float* x, int64_t c, const float* w, const float* b, float eps,
-                    float* out) {
+                    float* out, float* mean_out = nullptr, float* rstd_out = nullptr) {
   const int64_t full = c / L * L;
   vf acc = {};
   for (int64_t j = 0; j < full; j += L) acc += load(x + j);
@@ -774,6 +777,8 @@ void layer_norm_row(const float* x, int64_t c, const float* w, const float* b, f
   for (int i = 0; i < L; ++i) var += acc[i];
   for (int64_t j = full; j < c; ++j) var += (x[j] - mean) * (x[j] - mean);
   const float rstd = 1.f / std::sqrt(var / static_cast<float>(c) + eps);
+  if (mean_out != nullptr) *mean_out = mean;
+  if (rstd_out != nullptr) *rstd_out = rstd;
   for (int64_t j = 0; j < c; j += L) {
     const int64_t n = std::min<int64_t>(L, c - j);
     vf y = (load_n(x + j, n) - mean) * rstd;
@@ -786,72 +791,243 @@ void layer_norm_row(const float* x, int64_t c, const float* w, const float* b, f
 const float* optional_data(const c10::optional<at::Tensor>& t, int64_t size, const char* name) {
   if (!t.has_value() || !t->defined()) return nullptr;
   TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == size,
-              "mlp_inference: ", name, " must be a contiguous float32 tensor of ", size,
+              "channel MLP: ", name, " must be a contiguous float32 tensor of ", size,
               " values, got ", t->scalar_type(), " ", t->sizes());
   return t->data_ptr<float>();
 }
 
+// Checks x (..., C) and the weights fc1 (H, C), fc2 (C, H); returns {C, H, rows}.
+std::array<int64_t, 3> check_mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                                 const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.dim() >= 1,
+              name, ": expected a contiguous float32 CPU tensor (..., C), got ", x.scalar_type(),
+              " ", x.sizes());
+  const int64_t c = x.size(-1), hid = w1.size(0);
+  TORCH_CHECK(w1.scalar_type() == at::kFloat && w2.scalar_type() == at::kFloat &&
+                  w1.dim() == 2 && w2.dim() == 2 && w1.size(1) == c && w2.size(0) == c &&
+                  w2.size(1) == hid,
+              name, ": expected float32 weights fc1 (H, ", c, ") and fc2 (", c, ", H), got ",
+              w1.sizes(), " and ", w2.sizes());
+  return {c, hid, c > 0 ? x.numel() / c : 0};
+}
+
+// Rows per chunk: `chunk`, or 0 for about 512 KiB of hidden activation (the L2 size).
+int64_t chunk_rows(int64_t chunk, int64_t hid, int64_t rows) {
+  if (chunk <= 0) chunk = std::max<int64_t>(16, 131072 / std::max<int64_t>(hid, 1));
+  return std::max<int64_t>(1, std::min(chunk, rows));
+}
+
+// x's shape with the last dim replaced by n.
+std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+// out = (residual ? x : 0) + fc2(GELU(fc1(LN(x)))) by chunks of rows (see above). Where
+// not null, u (rows x H) receives fc1's output before GELU and mean / rstd (rows) the
+// LayerNorm statistics: what the training backward needs.
+void mlp_forward_chunks(const at::Tensor& x, const float* lw, const float* lb, float eps,
+                        const at::Tensor& w1, const float* b1, const at::Tensor& w2,
+                        const float* b2, bool residual, int64_t chunk, bool pack, float* out,
+                        float* u, float* mean, float* rstd) {
+  const int64_t c = x.size(-1), hid = w1.size(0), rows = x.numel() / c;
+  const RowGemm fc1(w1, chunk, pack), fc2(w2, chunk, pack);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
+    Floats nbuf(chunk * c), hbuf(chunk * hid);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * chunk, r = std::min(chunk, rows - r0);
+      for (int64_t i = 0; i < r; ++i) {
+        const int64_t row = r0 + i;
+        const float* xr = xp + row * c;
+        layer_norm_row(xr, c, lw, lb, eps, nbuf.data() + i * c, mean ? mean + row : nullptr,
+                       rstd ? rstd + row : nullptr);
+        for (int64_t j = 0; j < c; j += L) {
+          const int64_t n = std::min<int64_t>(L, c - j);
+          vf o = residual ? load_n(xr + j, n) : vf{};
+          if (b2 != nullptr) o += load_n(b2 + j, n);
+          store_n(out + row * c + j, o, n);
+        }
+      }
+      fc1.run(r, nbuf.data(), 0.f, hbuf.data());
+      for (int64_t i = 0; i < r; ++i) {
+        float* hr = hbuf.data() + i * hid;
+        float* ur = u ? u + (r0 + i) * hid : nullptr;
+        for (int64_t j = 0; j < hid; j += L) {
+          const int64_t n = std::min<int64_t>(L, hid - j);
+          vf uv = load_n(hr + j, n);
+          if (b1 != nullptr) uv += load_n(b1 + j, n);
+          if (ur != nullptr) store_n(ur + j, uv, n);
+          store_n(hr + j, uv * normal_cdf_fast(uv), n);
+        }
+      }
+      fc2.run(r, hbuf.data(), 1.f, out + r0 * c);
+    }
+  });
+}
+
 // Returns (residual ? x : 0) + fc2(GELU(fc1(LN(x)))) for x (..., C) contiguous float32;
 // fc1: w1 (H, C), b1 (H); fc2: w2 (C, H), b2 (C) (a layer scale already folded in).
-// `chunk` rows per task; 0 picks about 512 KiB of hidden activation per chunk (L2 size).
-// `pack`: multiply by MKL-packed weights where libtorch exports that API (else, and with
-// pack = false, at::mm_out per chunk).
+// `chunk` rows per task (0: about 512 KiB of hidden activation per chunk). `pack`: multiply
+// by MKL-packed weights where libtorch exports that API (else, and with pack = false,
+// at::mm_out per chunk).
 at::Tensor mlp_inference(const at::Tensor& x, const c10::optional<at::Tensor>& ln_w,
                          const c10::optional<at::Tensor>& ln_b, double eps, const at::Tensor& w1,
                          const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
                          const c10::optional<at::Tensor>& b2, bool residual, int64_t chunk,
                          bool pack) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
-                  x.dim() >= 1,
-              "mlp_inference: expected a contiguous float32 CPU tensor (..., C), got ",
-              x.scalar_type(), " ", x.sizes());
-  const int64_t c = x.size(-1), hid = w1.size(0), rows = c > 0 ? x.numel() / c : 0;
-  TORCH_CHECK(w1.scalar_type() == at::kFloat && w2.scalar_type() == at::kFloat &&
-                  w1.dim() == 2 && w2.dim() == 2 && w1.size(1) == c && w2.size(0) == c &&
-                  w2.size(1) == hid,
-              "mlp_inference: expected float32 weights fc1 (H, ", c, ") and fc2 (", c,
-              ", H), got ", w1.sizes(), " and ", w2.sizes());
+  const std::array<int64_t, 3> dims = check_mlp(x, w1, w2, "mlp_inference");
+  const int64_t c = dims[0], hid = dims[1], rows = dims[2];
   const float* lw = optional_data(ln_w, c, "ln_weight");
   const float* lb = optional_data(ln_b, c, "ln_bias");
   const float* b1p = optional_data(b1, hid, "fc1 bias");
   const float* b2p = optional_data(b2, c, "fc2 bias");
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (rows == 0 || hid == 0) return residual ? out.copy_(x) : out.zero_();
-  if (chunk <= 0) chunk = std::max<int64_t>(16, 131072 / hid);
-  chunk = std::min(chunk, rows);
-  const RowGemm fc1(w1, chunk, pack), fc2(w2, chunk, pack);
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float feps = static_cast<float>(eps);
+  mlp_forward_chunks(x, lw, lb, static_cast<float>(eps), w1, b1p, w2, b2p, residual,
+                     chunk_rows(chunk, hid, rows), pack, out.data_ptr<float>(), nullptr,
+                     nullptr, nullptr);
+  return out;
+}
+
+// The training forward of the same MLP: returns [out, u, mean, rstd] with u = fc1's output
+// before GELU (..., H) and the LayerNorm statistics (..., 1), as saved for backward.
+std::vector<at::Tensor> mlp_forward(const at::Tensor& x, const c10::optional<at::Tensor>& ln_w,
+                                    const c10::optional<at::Tensor>& ln_b, double eps,
+                                    const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                                    const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                                    bool residual, int64_t chunk) {
+  const std::array<int64_t, 3> dims = check_mlp(x, w1, w2, "mlp_forward");
+  const int64_t c = dims[0], hid = dims[1], rows = dims[2];
+  TORCH_CHECK(rows > 0 && hid > 0, "mlp_forward: empty input ", x.sizes());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor u = at::empty(with_last(x, hid), x.options());
+  at::Tensor mean = at::empty(with_last(x, 1), x.options());
+  at::Tensor rstd = at::empty(with_last(x, 1), x.options());
+  mlp_forward_chunks(x, optional_data(ln_w, c, "ln_weight"), optional_data(ln_b, c, "ln_bias"),
+                     static_cast<float>(eps), w1, optional_data(b1, hid, "fc1 bias"), w2,
+                     optional_data(b2, c, "fc2 bias"), residual, chunk_rows(chunk, hid, rows),
+                     true, out.data_ptr<float>(), u.data_ptr<float>(), mean.data_ptr<float>(),
+                     rstd.data_ptr<float>());
+  return {out, u, mean, rstd};
+}
+
+// Backward of mlp_forward by the same chunks, every activation-sized intermediate in cache:
+// per chunk dZ = G W2 (w2: fc2's weight with the layer scale folded in), Z and dU = dZ *
+// GELU'(U) in one pass, M += G^T Z, N = LN(x) from the saved statistics, dW1 += dU^T N,
+// dN = dU W1, then LayerNorm's backward row by row. Sums are kept per thread and added in
+// thread order. Returns [grad_x (+ grad where residual), grad_ln_weight, grad_ln_bias,
+// grad_w1, grad_b1, M = G^T Z (C, H), column sums of G (C)]; the caller forms fc2's and the
+// layer scale's gradients from M.
+std::vector<at::Tensor> mlp_backward(const at::Tensor& x, const at::Tensor& mean,
+                                     const at::Tensor& rstd, const at::Tensor& u,
+                                     const at::Tensor& grad, const c10::optional<at::Tensor>& ln_w,
+                                     const c10::optional<at::Tensor>& ln_b, const at::Tensor& w1,
+                                     const at::Tensor& w2, bool residual, int64_t chunk) {
+  const std::array<int64_t, 3> dims = check_mlp(x, w1, w2, "mlp_backward");
+  const int64_t c = dims[0], hid = dims[1], rows = dims[2];
+  TORCH_CHECK(rows > 0 && hid > 0, "mlp_backward: empty input ", x.sizes());
+  for (const at::Tensor* t : {&mean, &rstd, &u, &grad}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "mlp_backward: saved tensors and grad must be contiguous float32");
+  }
+  TORCH_CHECK(grad.sizes() == x.sizes() && u.numel() == rows * hid && mean.numel() == rows &&
+                  rstd.numel() == rows,
+              "mlp_backward: grad ", grad.sizes(), ", u ", u.sizes(), " and the statistics do ",
+              "not match x ", x.sizes());
+  const float* lw = optional_data(ln_w, c, "ln_weight");
+  const float* lb = optional_data(ln_b, c, "ln_bias");
+  chunk = chunk_rows(chunk, hid, rows);
+  const at::Tensor w1c = w1.contiguous();
+  const RowGemm dz_of_g(w2.t().contiguous(), chunk, true);  // G (r x C) W2 (C x H)
+  const RowGemm dn_of_du(w1c.t().contiguous(), chunk, true);  // dU (r x H) W1 (H x C)
+  const int64_t threads = at::get_num_threads();
+  const auto opt = x.options();
+  at::Tensor acc_m = at::zeros({threads, c, hid}, opt), acc_w1 = at::zeros({threads, hid, c}, opt);
+  // per thread, in double: db1 | dln_w | dln_b | column sums of G (in float per chunk)
+  at::Tensor acc_vec = at::zeros({threads, hid + 3 * c}, opt.dtype(at::kDouble));
+  at::Tensor grad_x = at::empty(x.sizes(), opt);
+  const float *xp = x.data_ptr<float>(), *gp = grad.data_ptr<float>(), *up = u.data_ptr<float>();
+  const float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  float* gxp = grad_x.data_ptr<float>();
+  const float inv_c = 1.f / static_cast<float>(c);
   at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
-    Floats nbuf(chunk * c), hbuf(chunk * hid);
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads, "mlp_backward: thread ", tid, " of ", threads);
+    at::Tensor m_t = acc_m[tid], w1_t = acc_w1[tid];
+    double* total = acc_vec[tid].data_ptr<double>();
+    Floats vec(hid + 3 * c);
+    float *db1 = vec.data(), *dlw = db1 + hid, *dlb = dlw + c, *gsum = dlb + c;
+    Floats zbuf(chunk * hid), dubuf(chunk * hid), nbuf(chunk * c), dnbuf(chunk * c);
+    const auto fopt = at::TensorOptions().dtype(at::kFloat);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r0 = t * chunk, r = std::min(chunk, rows - r0);
+      const float* g = gp + r0 * c;
+      std::fill(vec.begin(), vec.end(), 0.f);
+      dz_of_g.run(r, g, 0.f, dubuf.data());
       for (int64_t i = 0; i < r; ++i) {
-        const float* xr = xp + (r0 + i) * c;
-        float* orow = op + (r0 + i) * c;
-        layer_norm_row(xr, c, lw, lb, feps, nbuf.data() + i * c);
-        for (int64_t j = 0; j < c; j += L) {
-          const int64_t n = std::min<int64_t>(L, c - j);
-          vf o = residual ? load_n(xr + j, n) : vf{};
-          if (b2p != nullptr) o += load_n(b2p + j, n);
-          store_n(orow + j, o, n);
-        }
-      }
-      fc1.run(r, nbuf.data(), 0.f, hbuf.data());
-      for (int64_t i = 0; i < r; ++i) {
-        float* hr = hbuf.data() + i * hid;
+        const float* ur = up + (r0 + i) * hid;
+        float *zr = zbuf.data() + i * hid, *dur = dubuf.data() + i * hid;
         for (int64_t j = 0; j < hid; j += L) {
           const int64_t n = std::min<int64_t>(L, hid - j);
-          vf u = load_n(hr + j, n);
-          if (b1p != nullptr) u += load_n(b1p + j, n);
-          store_n(hr + j, u * normal_cdf_fast(u), n);
+          vf zv, dv = load_n(dur + j, n);
+          gelu_vec(load_n(ur + j, n), zv, dv);
+          store_n(zr + j, zv, n);
+          store_n(dur + j, dv, n);
+          store_n(db1 + j, load_n(db1 + j, n) + dv, n);
         }
       }
-      fc2.run(r, hbuf.data(), 1.f, op + r0 * c);
+      const at::Tensor g_t = at::from_blob(const_cast<float*>(g), {r, c}, fopt);
+      const at::Tensor z_t = at::from_blob(zbuf.data(), {r, hid}, fopt);
+      const at::Tensor du_t = at::from_blob(dubuf.data(), {r, hid}, fopt);
+      const at::Tensor n_t = at::from_blob(nbuf.data(), {r, c}, fopt);
+      at::addmm_out(m_t, m_t, g_t.t(), z_t);
+      for (int64_t i = 0; i < r; ++i) {  // N = LN(x) from the saved statistics
+        const float* xr = xp + (r0 + i) * c;
+        float* nr = nbuf.data() + i * c;
+        const float mu = mp[r0 + i], rs = rp[r0 + i];
+        for (int64_t j = 0; j < c; ++j) {
+          float y = (xr[j] - mu) * rs;
+          if (lw != nullptr) y *= lw[j];
+          if (lb != nullptr) y += lb[j];
+          nr[j] = y;
+        }
+      }
+      at::addmm_out(w1_t, w1_t, du_t.t(), n_t);
+      dn_of_du.run(r, dubuf.data(), 0.f, dnbuf.data());
+      for (int64_t i = 0; i < r; ++i) {  // LayerNorm's backward, row by row
+        const int64_t row = r0 + i;
+        const float *xr = xp + row * c, *dn = dnbuf.data() + i * c, *gr = g + i * c;
+        float* gx = gxp + row * c;
+        const float mu = mp[row], rs = rp[row];
+        float sum_dy = 0.f, sum_dy_xhat = 0.f;
+        for (int64_t j = 0; j < c; ++j) {
+          const float xhat = (xr[j] - mu) * rs, dy = lw ? dn[j] * lw[j] : dn[j];
+          sum_dy += dy;
+          sum_dy_xhat += dy * xhat;
+          dlw[j] += dn[j] * xhat;
+          dlb[j] += dn[j];
+          gsum[j] += gr[j];
+        }
+        const float a = sum_dy * inv_c, b = sum_dy_xhat * inv_c;
+        for (int64_t j = 0; j < c; ++j) {
+          const float xhat = (xr[j] - mu) * rs, dy = lw ? dn[j] * lw[j] : dn[j];
+          gx[j] = rs * (dy - a - xhat * b) + (residual ? gr[j] : 0.f);
+        }
+      }
+      for (size_t j = 0; j < vec.size(); ++j) total[j] += vec[j];
     }
   });
-  return out;
+  const at::Tensor vec = acc_vec.sum(0).to(at::kFloat);
+  return {grad_x,
+          vec.narrow(0, hid, c),
+          vec.narrow(0, hid + c, c),
+          acc_w1.sum(0),
+          vec.narrow(0, 0, hid),
+          acc_m.sum(0),
+          vec.narrow(0, hid + 2 * c, c)};
 }
 
 }  // namespace
@@ -869,6 +1045,13 @@ TORCH_LIBRARY(quadranet_cpu, m) {
   m.def(
       "mlp_inference(Tensor x, Tensor? ln_weight, Tensor? ln_bias, float eps, Tensor w1, "
       "Tensor? b1, Tensor w2, Tensor? b2, bool residual, int chunk=0, bool pack=True) -> Tensor");
+  m.def(
+      "mlp_forward(Tensor x, Tensor? ln_weight, Tensor? ln_bias, float eps, Tensor w1, "
+      "Tensor? b1, Tensor w2, Tensor? b2, bool residual, int chunk=0) -> Tensor[]");
+  m.def(
+      "mlp_backward(Tensor x, Tensor mean, Tensor rstd, Tensor u, Tensor grad, "
+      "Tensor? ln_weight, Tensor? ln_bias, Tensor w1, Tensor w2, bool residual, int chunk=0) "
+      "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(quadranet_cpu, CPU, m) {
@@ -878,4 +1061,6 @@ TORCH_LIBRARY_IMPL(quadranet_cpu, CPU, m) {
   m.impl("gelu_", &gelu_);
   m.impl("gelu", &gelu);
   m.impl("mlp_inference", &mlp_inference);
+  m.impl("mlp_forward", &mlp_forward);
+  m.impl("mlp_backward", &mlp_backward);
 }
