@@ -51,12 +51,13 @@ def chunked_mlp_kernels(
     """The C++ ops when the chunked MLP kernels apply to the NHWC map x and pay: contiguous
     float32 CPU tensors outside low-precision autocast, C <= CHUNKED_MLP_MAX_DIM and at least
     CHUNKED_MLP_MIN_HIDDEN values of hidden activation; else None."""
+    if not usable(x, *params):  # first: no size tests (guards) while tracing or exporting
+        return None
     c = x.shape[-1]
     if (
         c > CHUNKED_MLP_MAX_DIM
         or x.numel() // max(c, 1) * hidden < CHUNKED_MLP_MIN_HIDDEN
         or not x.is_contiguous()
-        or not usable(x, *params)
     ):
         return None
     return kernels()
