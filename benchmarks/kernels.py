@@ -4,8 +4,10 @@ For each stage shape of quadranet36_t (batch 16, 224x224: 56x56x64, 28x28x128, 1
 7x7x512; k = 7) times the depthwise quadratic conv's training forward (y plus a, b kept
 for backward), inference forward, backward (dx, dW, db), the channel MLP's GELU in
 backward (gelu + gelu_backward vs the one-pass kernel) and at inference (torch's GELU vs
-the in-place exp-free kernel), the whole inference MLP (whole-tensor ops vs the chunked
-kernel; the models use it at C <= 128 only), then one full quadranet36_t
+the in-place exp-free kernel), the whole channel MLP with its residual at inference and in
+training (whole-tensor ops vs the chunked kernels, timed at every stage although the models
+use them only where `quadranet.nn.fused.chunked_mlp_kernels` says they pay), then one full
+quadranet36_t
 training step (forward, backward, AdamW; channels-last) with the kernels on and off.
 Old and new alternate call by call (swapping which goes first every round) so drift hits
 both alike; the table gives medians with min-max. The script re-runs itself in a child
@@ -17,12 +19,13 @@ process with the chosen allocator (default: glibc retaining freed memory) and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +41,9 @@ from quadranet.bench.runner import (
     markdown_table,
     write_csv,
 )
+from quadranet.blocks import ChannelMlp
 from quadranet.models import create_model
-from quadranet.nn import ext
+from quadranet.nn import ext, fused
 from quadranet.nn.depthwise import (
     branch_convs,
     depthwise_quadratic_backward,
@@ -175,6 +179,40 @@ def inference_mlp_case(batch: int, c: int, size: int) -> tuple[Callable, Callabl
     return old, new
 
 
+def training_mlp_case(batch: int, c: int, size: int) -> tuple[Callable, Callable]:
+    """(old, new) training forward and backward of the memory-efficient channel MLP with its
+    residual: the whole-tensor path vs the chunked kernels (`mlp_forward`, `mlp_backward`)."""
+    torch.manual_seed(4)
+    mlp = ChannelMlp(c, MLP_RATIO, layer_scale_init=0.5, memory_efficient=True)
+    x = torch.randn(batch, size, size, c, requires_grad=True)
+    grad = torch.randn(batch, size, size, c)
+
+    def step(min_hidden: int) -> Callable[[], Any]:
+        def run() -> Any:
+            x.grad = None
+            with (
+                patched(fused, "CHUNKED_MLP_MIN_HIDDEN", min_hidden),
+                patched(fused, "CHUNKED_MLP_MAX_DIM", 1 << 30),
+            ):
+                mlp.fused_residual(x).backward(grad)
+            return x.grad
+
+        return run
+
+    return step(1 << 62), step(0)
+
+
+@contextlib.contextmanager
+def patched(module: Any, name: str, value: Any) -> Iterator[None]:
+    """Set module.name to value inside the block."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
 def training_step(batch: int, img_size: int, model_name: str) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward, AdamW) in channels-last."""
     torch.manual_seed(0)
@@ -223,6 +261,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         )))  # fmt: skip
         old, new = inference_mlp_case(args.batch, c, size)
         rows.append(row(stage, "channel MLP + residual (inference, chunked)", *interleaved(
+            old, new, args.repeats, args.min_time
+        )))  # fmt: skip
+        old, new = training_mlp_case(args.batch, c, size)
+        rows.append(row(stage, "channel MLP + residual (training fwd + bwd, chunked)", *interleaved(
             old, new, args.repeats, args.min_time
         )))  # fmt: skip
     if args.step_rounds > 0:

@@ -453,6 +453,8 @@ def test_kernel_benchmark_mlp_case_compares_equal_work(ops):
     spec.loader.exec_module(bench)
     old, new = bench.inference_mlp_case(2, 16, 5)
     close(new(), old(), rtol=1e-5)
+    old, new = bench.training_mlp_case(2, 16, 5)
+    close(new(), old(), rtol=1e-5)  # the input's gradient
 
 
 def mlp_float64_grads(x, params, grad, residual):
