@@ -38,9 +38,10 @@ aten = torch.ops.aten
 
 # The chunked channel-MLP kernels (`chunked_mlp_kernels`) pay where fc1's output does not fit
 # in the caches and the matrix products are narrow. Measured on a 2-core Zen 3 at
-# QuadraNet's stage shapes (`benchmarks/kernels.py`), inference 1.06-1.27x and training
-# (forward + backward) 1.10-1.28x at C <= 128 with >= 16 MiB of hidden activation; 0.66-1.05x
-# with less, and 0.72-0.99x at C >= 256, where the whole-tensor products run faster.
+# QuadraNet's stage shapes (`benchmarks/kernels.py` and batches 1-32): inference 1.03-1.27x
+# and training (forward + backward) 1.06-1.28x at C <= 128 with >= 16 MiB of hidden
+# activation; inference 0.66-1.05x with less; 0.69-1.00x at C >= 256, where the
+# whole-tensor products run faster.
 CHUNKED_MLP_MAX_DIM = 128
 CHUNKED_MLP_MIN_HIDDEN = 1 << 22  # floats of fc1 output (16 MiB)
 
