@@ -251,22 +251,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for op, (old, new) in conv_cases(args.batch, c, size).items():
             rows.append(row(stage, op, *interleaved(old, new, args.repeats, args.min_time)))
             print(f"{stage} {op}: x{rows[-1]['speedup']:.2f}", file=sys.stderr, flush=True)
-        old, new = gelu_case(args.batch, c, size)
-        rows.append(row(stage, "gelu + gelu' + bias grad (MLP backward)", *interleaved(
-            old, new, args.repeats, args.min_time
-        )))  # fmt: skip
-        old, new = inference_gelu_case(args.batch, c, size)
-        rows.append(row(stage, "gelu (MLP inference, in place)", *interleaved(
-            old, new, args.repeats, args.min_time
-        )))  # fmt: skip
-        old, new = inference_mlp_case(args.batch, c, size)
-        rows.append(row(stage, "channel MLP + residual (inference, chunked)", *interleaved(
-            old, new, args.repeats, args.min_time
-        )))  # fmt: skip
-        old, new = training_mlp_case(args.batch, c, size)
-        rows.append(row(stage, "channel MLP + residual (training fwd + bwd, chunked)", *interleaved(
-            old, new, args.repeats, args.min_time
-        )))  # fmt: skip
+        for op, case in (
+            ("gelu + gelu' + bias grad (MLP backward)", gelu_case),
+            ("gelu (MLP inference, in place)", inference_gelu_case),
+            ("channel MLP + residual (inference, chunked)", inference_mlp_case),
+            ("channel MLP + residual (training fwd + bwd, chunked)", training_mlp_case),
+        ):
+            old, new = case(args.batch, c, size)
+            rows.append(row(stage, op, *interleaved(old, new, args.repeats, args.min_time)))
     if args.step_rounds > 0:
         step = training_step(args.batch, args.img_size, args.model)
 
