@@ -187,19 +187,22 @@ def training_mlp_case(batch: int, c: int, size: int) -> tuple[Callable, Callable
     x = torch.randn(batch, size, size, c, requires_grad=True)
     grad = torch.randn(batch, size, size, c)
 
-    def step(min_hidden: int) -> Callable[[], Any]:
-        def run() -> Any:
-            x.grad = None
-            with (
-                patched(fused, "CHUNKED_MLP_MIN_HIDDEN", min_hidden),
-                patched(fused, "CHUNKED_MLP_MAX_DIM", 1 << 30),
-            ):
-                mlp.fused_residual(x).backward(grad)
-            return x.grad
+    def old() -> Any:  # the whole-tensor op, the residual added outside (as the blocks do)
+        x.grad = None
+        with patched(fused, "CHUNKED_MLP_MIN_HIDDEN", 1 << 62):
+            (x + mlp(x)).backward(grad)
+        return x.grad
 
-        return run
+    def new() -> Any:  # the chunked kernels at any shape, the residual in their pass
+        x.grad = None
+        with (
+            patched(fused, "CHUNKED_MLP_MIN_HIDDEN", 0),
+            patched(fused, "CHUNKED_MLP_MAX_DIM", 1 << 30),
+        ):
+            mlp.fused_residual(x).backward(grad)
+        return x.grad
 
-    return step(1 << 62), step(0)
+    return old, new
 
 
 @contextlib.contextmanager

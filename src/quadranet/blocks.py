@@ -103,19 +103,19 @@ class ChannelMlp(nn.Module):
     def fused_residual(self, x: torch.Tensor) -> torch.Tensor | None:
         """x + self(x) for an NHWC map as one op, or None where that does not apply.
 
-        Training with `memory_efficient`: the `channel_mlp` op with the residual added
-        inside (chunked C++ kernels on large maps with few channels). Inference: the chunked
-        kernel where it pays (`quadranet.nn.fused.chunked_mlp_kernels`). Not with a
-        non-exact GELU or adapted (non-Linear) fc layers.
+        Only where the chunked C++ kernels pay (`quadranet.nn.fused.chunked_mlp_kernels`:
+        large channels-last maps with few channels), which add the residual in their own
+        pass: in training the memory-efficient `channel_mlp` op with `residual=True`, at
+        inference `mlp_inference`. Not with a non-exact GELU or adapted (non-Linear) layers.
         """
         if not (self._exact_gelu() and type(self.fc1) is type(self.fc2) is nn.Linear):
             return None
-        if torch.is_grad_enabled():
-            return self._memory_efficient_op(x, residual=True) if self.memory_efficient else None
         norm = self.norm
         ops = chunked_mlp_kernels(x, self.fc1.out_features, norm.weight, self.fc1.weight)
-        if ops is None:
+        if ops is None:  # elsewhere the residual add costs the same inside the op or out
             return None
+        if torch.is_grad_enabled():
+            return self._memory_efficient_op(x, residual=True) if self.memory_efficient else None
         w2, b2 = fold_fc2_scale(self.fc2.weight, self.fc2.bias, self.gamma)
         return ops.mlp_inference(
             x, norm.weight, norm.bias, norm.eps, self.fc1.weight, self.fc1.bias, w2, b2, True
