@@ -205,21 +205,20 @@ class _ChannelMlpFn(torch.autograd.Function):
         ctx.eps, ctx.residual = eps, residual
         ops = chunked_mlp_kernels(x, w1.shape[0], ln_w, ln_b, w1, b1, w2, b2, gamma)
         ctx.chunked = ops is not None
-        if ops is not None:
-            w2s, b2s = fold_fc2_scale(w2, b2, gamma)
+        w2s, b2s = fold_fc2_scale(w2, b2, gamma)  # layer scale in fc2: no pass over the output
+        if ops is not None:  # the chunked kernels, the residual added in their pass
             out, u, mean, rstd = ops.mlp_forward(x, ln_w, ln_b, eps, w1, b1, w2s, b2s, residual)
-            ctx.save_for_backward(x, mean, rstd, u, ln_w, ln_b, w1, w2, b2, gamma)
-            return out
-        dtype = compute_dtype(x)  # the matmuls' dtype; LayerNorm statistics stay in x's
-        with no_autocast(x):
-            n, mean, rstd = aten.native_layer_norm(_ln_input(x, ln_w), [c], ln_w, ln_b, eps)
-            u = F.linear(n.to(dtype), w1.to(dtype), cast(b1, dtype))
-            w2s, b2s = fold_fc2_scale(w2, b2, gamma)  # layer scale in fc2: no pass over the output
-            ops = gelu_kernel(u)  # the C++ GELU: one read of u, one write of z
-            z = ops.gelu(u) if ops is not None else F.gelu(u)
-            out = F.linear(z, w2s.to(dtype), cast(b2s, dtype))
+        else:
+            dtype = compute_dtype(x)  # the matmuls' dtype; LayerNorm statistics stay in x's
+            with no_autocast(x):
+                n, mean, rstd = aten.native_layer_norm(_ln_input(x, ln_w), [c], ln_w, ln_b, eps)
+                u = F.linear(n.to(dtype), w1.to(dtype), cast(b1, dtype))
+                ops = gelu_kernel(u)  # the C++ GELU: one read of u, one write of z
+                z = ops.gelu(u) if ops is not None else F.gelu(u)
+                out = F.linear(z, w2s.to(dtype), cast(b2s, dtype))
+            out = x + out if residual else out
         ctx.save_for_backward(x, mean, rstd, u, ln_w, ln_b, w1, w2, b2, gamma)
-        return x + out if residual else out
+        return out
 
     @staticmethod
     @once_differentiable

@@ -757,6 +757,18 @@ class RowGemm {
   Floats packed_;
 };
 
+// out = (x - mean) * rstd * w + b over one row of c values (w, b may be null).
+void normalize_row(const float* x, int64_t c, float mean, float rstd, const float* w,
+                   const float* b, float* out) {
+  for (int64_t j = 0; j < c; j += L) {
+    const int64_t n = std::min<int64_t>(L, c - j);
+    vf y = (load_n(x + j, n) - mean) * rstd;
+    if (w != nullptr) y *= load_n(w + j, n);
+    if (b != nullptr) y += load_n(b + j, n);
+    store_n(out + j, y, n);
+  }
+}
+
 // out = LayerNorm(x) over one row of c values (two passes over the row, in cache); the
 // row's mean and 1 / std go to *mean_out and *rstd_out where those are not null.
 void layer_norm_row(const float* x, int64_t c, const float* w, const float* b, float eps,
@@ -779,13 +791,7 @@ void layer_norm_row(const float* x, int64_t c, const float* w, const float* b, f
   const float rstd = 1.f / std::sqrt(var / static_cast<float>(c) + eps);
   if (mean_out != nullptr) *mean_out = mean;
   if (rstd_out != nullptr) *rstd_out = rstd;
-  for (int64_t j = 0; j < c; j += L) {
-    const int64_t n = std::min<int64_t>(L, c - j);
-    vf y = (load_n(x + j, n) - mean) * rstd;
-    if (w != nullptr) y *= load_n(w + j, n);
-    if (b != nullptr) y += load_n(b + j, n);
-    store_n(out + j, y, n);
-  }
+  normalize_row(x, c, mean, rstd, w, b, out);
 }
 
 const float* optional_data(const c10::optional<at::Tensor>& t, int64_t size, const char* name) {
@@ -985,15 +991,8 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& x, const at::Tensor& mean
       const at::Tensor n_t = at::from_blob(nbuf.data(), {r, c}, fopt);
       at::addmm_out(m_t, m_t, g_t.t(), z_t);
       for (int64_t i = 0; i < r; ++i) {  // N = LN(x) from the saved statistics
-        const float* xr = xp + (r0 + i) * c;
-        float* nr = nbuf.data() + i * c;
-        const float mu = mp[r0 + i], rs = rp[r0 + i];
-        for (int64_t j = 0; j < c; ++j) {
-          float y = (xr[j] - mu) * rs;
-          if (lw != nullptr) y *= lw[j];
-          if (lb != nullptr) y += lb[j];
-          nr[j] = y;
-        }
+        const int64_t row = r0 + i;
+        normalize_row(xp + row * c, c, mp[row], rp[row], lw, lb, nbuf.data() + i * c);
       }
       at::addmm_out(w1_t, w1_t, du_t.t(), n_t);
       dn_of_du.run(r, dubuf.data(), 0.f, dnbuf.data());
