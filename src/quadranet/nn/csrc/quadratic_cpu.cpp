@@ -83,6 +83,17 @@ inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 inline vf splat(float s) { return vf{} + s; }
 
+// Makes the compiler treat v as changed in a register, so a vector used by several FMAs
+// is loaded once. Without it GCC folds the load into each FMA that uses it, and the
+// forward tile runs 12-26% slower on Zen 3.
+inline void in_register(vf& v) {
+#if defined(__x86_64__)
+  asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
 // The first `n` lanes from p, zeros after (n <= L).
 inline vf load_n(const float* p, int64_t n) {
   if (n == L) return load(p);
@@ -225,8 +236,11 @@ inline void forward_tile(const float* xb, int64_t wp, int kr, const float* wb, c
     const float* row = xb + i * wp * L;
     const float* wi = wb + i * k * L;
     for (int j = 0; j < k; ++j) {
-      const vf wa = load(wi + j * L), wbv = load(wi + (taps + j) * L);
-      const vf wc = load(wi + (2 * taps + j) * L);
+      vf wa = load(wi + j * L), wbv = load(wi + (taps + j) * L);
+      vf wc = load(wi + (2 * taps + j) * L);
+      in_register(wa);
+      in_register(wbv);
+      in_register(wc);
       for (int t = 0; t < T; ++t) {
         const vf xv = load(row + (j + t) * L);
         acc[0][t] += xv * wa;
