@@ -343,11 +343,15 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         ext.load()
 
 
-def test_build_key_depends_on_source_and_torch(monkeypatch):
+def test_build_key_depends_on_source_and_torch(monkeypatch, tmp_path):
     key = ext.build_key()
     assert key == ext.build_key()
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
-    assert ext.build_key() != key
+    other_version = ext.build_key()
+    assert other_version != key
+    # the same version installed in another environment gets its own build
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "torch" / "__init__.py"))
+    assert ext.build_key() not in (key, other_version)
 
 
 def mlp_params(gen, c, hidden, affine):

@@ -1,8 +1,9 @@
 """Optional C++ CPU kernels (depthwise quadratic conv, GELU), compiled on first use.
 
 The source `csrc/quadratic_cpu.cpp` is built with `torch.utils.cpp_extension.load` into a
-cache folder keyed by the source, torch, Python and the CPU's instruction-set flags, so a
-stale build is never reused. `QUADRANET_CPU_KERNELS=0` disables the kernels, `=1` makes a
+cache folder keyed by the source, torch (version and install folder), Python and the CPU's
+instruction-set flags, so a stale build is never reused and two virtual environments do
+not rebuild over each other's module. `QUADRANET_CPU_KERNELS=0` disables the kernels, `=1` makes a
 failed build an error; unset, a failed build warns once and the PyTorch path is used.
 The cache lives in `$QUADRANET_CACHE/cpu_kernels` (default `~/.cache/quadranet/cpu_kernels`).
 """
@@ -45,7 +46,8 @@ def _cpu_flags() -> str:
 def build_key() -> str:
     """Hash of everything the compiled module depends on."""
     parts = [SOURCE.read_bytes().decode(), torch.__version__, sys.version, _cpu_flags()]
-    parts.append(" ".join(CFLAGS))
+    # the build links against this torch's headers and libraries by absolute path
+    parts += [str(Path(torch.__file__).resolve().parent), " ".join(CFLAGS)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
