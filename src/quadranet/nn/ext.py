@@ -3,8 +3,9 @@
 The source `csrc/quadratic_cpu.cpp` is built with `torch.utils.cpp_extension.load` into a
 cache folder keyed by the source, torch (version and install folder), Python and the CPU's
 instruction-set flags, so a stale build is never reused and two virtual environments do
-not rebuild over each other's module. `QUADRANET_CPU_KERNELS=0` disables the kernels, `=1` makes a
-failed build an error; unset, a failed build warns once and the PyTorch path is used.
+not rebuild over each other's module. `QUADRANET_CPU_KERNELS=0` disables the kernels,
+`=1` makes a failed build an error; unset, a failed build warns once and the PyTorch path
+is used.
 The cache lives in `$QUADRANET_CACHE/cpu_kernels` (default `~/.cache/quadranet/cpu_kernels`).
 """
 
