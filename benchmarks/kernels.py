@@ -19,15 +19,15 @@ process with the chosen allocator (default: glibc retaining freed memory) and th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -189,31 +189,20 @@ def training_mlp_case(batch: int, c: int, size: int) -> tuple[Callable, Callable
 
     def old() -> Any:  # the whole-tensor op, the residual added outside (as the blocks do)
         x.grad = None
-        with patched(fused, "CHUNKED_MLP_MIN_HIDDEN", 1 << 62):
+        with mock.patch.object(fused, "CHUNKED_MLP_MIN_HIDDEN", 1 << 62):
             (x + mlp(x)).backward(grad)
         return x.grad
 
     def new() -> Any:  # the chunked kernels at any shape, the residual in their pass
         x.grad = None
         with (
-            patched(fused, "CHUNKED_MLP_MIN_HIDDEN", 0),
-            patched(fused, "CHUNKED_MLP_MAX_DIM", 1 << 30),
+            mock.patch.object(fused, "CHUNKED_MLP_MIN_HIDDEN", 0),
+            mock.patch.object(fused, "CHUNKED_MLP_MAX_DIM", 1 << 30),
         ):
             mlp.fused_residual(x).backward(grad)
         return x.grad
 
     return old, new
-
-
-@contextlib.contextmanager
-def patched(module: Any, name: str, value: Any) -> Iterator[None]:
-    """Set module.name to value inside the block."""
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
 
 
 def training_step(batch: int, img_size: int, model_name: str) -> Callable[[], None]:
