@@ -1,14 +1,18 @@
 """C++ CPU kernels vs the oneDNN / ATen path, side by side in one process.
 
 For each stage shape of quadranet36_t (batch 16, 224x224: 56x56x64, 28x28x128, 14x14x256,
-7x7x512; k = 7) times the depthwise quadratic conv's training forward (y plus a, b kept
-for backward), inference forward, backward (dx, dW, db), the channel MLP's GELU in
-backward (gelu + gelu_backward vs the one-pass kernel) and at inference (torch's GELU vs
-the in-place exp-free kernel), the whole channel MLP with its residual at inference and in
-training (whole-tensor ops vs the chunked kernels, timed at every stage although the models
-use them only where `quadranet.nn.fused.chunked_mlp_kernels` says they pay), then one full
-quadranet36_t
-training step (forward, backward, AdamW; channels-last) with the kernels on and off.
+7x7x512; k = 7) times:
+- the depthwise quadratic conv's training forward (y plus a, b kept for backward),
+  inference forward and backward (dx, dW, db);
+- the channel MLP's GELU in backward (gelu + gelu_backward vs the one-pass kernel) and at
+  inference (torch's GELU vs the in-place exp-free kernel);
+- the LayerNorm work of a memory-efficient branch's backward (LN again, its backward and
+  the residual's gradient: ATen vs the row-wise kernels);
+- the whole channel MLP with its residual at inference and in training (whole-tensor ops
+  vs the chunked kernels, timed at every stage although the models use them only where
+  `quadranet.nn.fused.chunked_mlp_kernels` says they pay);
+then one full quadranet36_t training step (forward, backward, AdamW; channels-last) with
+the kernels on and off.
 Old and new alternate call by call (swapping which goes first every round) so drift hits
 both alike; the table gives medians with min-max. The script re-runs itself in a child
 process with the chosen allocator (default: glibc retaining freed memory) and threads.
@@ -141,6 +145,32 @@ def gelu_case(batch: int, c: int, size: int) -> tuple[Callable, Callable]:
     return old, new
 
 
+def layer_norm_case(batch: int, c: int, size: int) -> tuple[Callable, Callable]:
+    """(old, new) LayerNorm work of a memory-efficient branch's backward at one stage shape:
+    LN(x) again, then LN's backward plus the residual's gradient (F.layer_norm,
+    native_layer_norm_backward and an add vs the two row-wise kernels)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, size, size, c, generator=gen)
+    grad_n, res = torch.randn(x.shape, generator=gen), torch.randn(x.shape, generator=gen)
+    w, b = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, [c], w, b, 1e-6)
+    ops = ext.load()
+
+    def old() -> Any:
+        n = F.layer_norm(x, (c,), w, b, 1e-6)
+        grads = torch.ops.aten.native_layer_norm_backward(
+            grad_n, x, [c], mean, rstd, w, b, [True, True, True]
+        )
+        return n, grads[0] + res, grads[1], grads[2]
+
+    def new() -> Any:
+        return ops.layer_norm_apply(x, mean, rstd, w, b), *ops.layer_norm_backward(
+            grad_n, x, mean, rstd, w, res
+        )
+
+    return old, new
+
+
 def inference_gelu_case(batch: int, c: int, size: int) -> tuple[Callable, Callable]:
     """(old, new) GELU of the channel MLP at inference: torch's GELU vs the in-place kernel
     (both refresh the input first, so neither works on its own output)."""
@@ -246,6 +276,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for op, case in (
             ("gelu + gelu' + bias grad (MLP backward)", gelu_case),
             ("gelu (MLP inference, in place)", inference_gelu_case),
+            ("LN again + LN backward + residual (branch backward)", layer_norm_case),
             ("channel MLP + residual (inference, chunked)", inference_mlp_case),
             ("channel MLP + residual (training fwd + bwd, chunked)", training_mlp_case),
         ):

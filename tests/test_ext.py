@@ -257,6 +257,32 @@ def test_gelu_and_grad_column_sums(ops, cols):
     assert sums.shape == (cols,) and z.shape == u.shape
 
 
+@pytest.mark.parametrize("c", [20, 64])  # a partial vector per row; whole vectors
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_kernels_match_float64(ops, c, affine):
+    """LayerNorm from saved statistics and its backward (plus a residual's gradient) against
+    float64 autograd, over several row tasks per thread."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 7, 11, c, generator=gen) * 2 + 1
+    w, b = (torch.randn(c, generator=gen) for _ in range(2)) if affine else (None, None)
+    grad, res = torch.randn(x.shape, generator=gen), torch.randn(x.shape, generator=gen)
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, [c], w, b, 1e-6)
+    leaves = [t.double().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y64 = F.layer_norm(leaves[0], (c,), leaves[1], leaves[2], 1e-6)
+    y64.backward(grad.double())
+    applied = ops.layer_norm_apply(x, mean, rstd, w, b).double()
+    torch.testing.assert_close(applied, y64.detach(), rtol=1e-5, atol=1e-5)
+    for residual in (None, res):
+        grad_x, grad_w, grad_b = ops.layer_norm_backward(grad, x, mean, rstd, w, residual)
+        expected_x = leaves[0].grad + (0 if residual is None else residual.double())
+        torch.testing.assert_close(grad_x.double(), expected_x, rtol=1e-5, atol=1e-5)
+    if affine:
+        close(grad_w.double(), leaves[1].grad)
+        close(grad_b.double(), leaves[2].grad)
+    with pytest.raises(RuntimeError, match="gradients must be contiguous float32"):
+        ops.layer_norm_backward(grad.transpose(1, 2), x, mean, rstd, w, None)
+
+
 @pytest.mark.parametrize("use_gamma", [True, False])
 def test_channel_mlp_gelu_kernel_matches(spy, use_gamma):
     gen = torch.Generator().manual_seed(4)
@@ -277,7 +303,7 @@ def test_channel_mlp_gelu_kernel_matches(spy, use_gamma):
     assert not spy.calls
     for a, e in zip(step(), expected, strict=True):
         close(a, e)
-    assert spy.calls == ["gelu", "gelu_and_grad"]
+    assert spy.calls == ["gelu", "gelu_and_grad", "layer_norm_apply", "layer_norm_backward"]
 
 
 def grads_after_step(model, x, memory_efficient, enabled):
@@ -308,6 +334,7 @@ def test_block_and_model_training_steps_match(spy, memory_efficient):
         actual = grads_after_step(net, inp, memory_efficient, True)
         assert "quadratic_backward" in spy.calls
         assert ("gelu_and_grad" in spy.calls) == memory_efficient
+        assert ("layer_norm_backward" in spy.calls) == memory_efficient
         spy.calls.clear()
         for a, e in zip(actual, expected, strict=True):
             close(a, e, rtol=2e-4)
@@ -459,6 +486,9 @@ def test_kernel_benchmark_mlp_case_compares_equal_work(ops):
     close(new(), old(), rtol=1e-5)
     old, new = bench.training_mlp_case(2, 16, 5)
     close(new(), old(), rtol=1e-5)  # the input's gradient
+    old, new = bench.layer_norm_case(2, 20, 5)
+    for a, e in zip(new(), old(), strict=True):
+        close(a, e, rtol=1e-5)
 
 
 def mlp_float64_grads(x, params, grad, residual):

@@ -15,6 +15,10 @@ recomputed: with M = G^T Z (G the output gradient, Z = GELU(U)),
 dW2 = gamma * M and dgamma = rowsum(M * W2) + b2 * colsum(G). On large float32 CPU maps
 with few channels both passes run as chunked C++ kernels (`chunked_mlp_kernels`) whose
 activation-sized intermediates stay in cache; with `residual` the op returns x + the above.
+
+Both ops redo LN in backward from the saved statistics and run LN's backward with the
+residual's gradient added in the same pass (C++ row kernels on contiguous float32 CPU
+maps; ATen's LayerNorm ops elsewhere).
 """
 
 from __future__ import annotations
@@ -84,6 +88,57 @@ def _ln_input(x: torch.Tensor, ln_w: torch.Tensor | None) -> torch.Tensor:
     return x if ln_w is None or ln_w.dtype == x.dtype else x.to(ln_w.dtype)
 
 
+def _ln_kernels(x: torch.Tensor, *tensors: torch.Tensor | None) -> object | None:
+    """The C++ ops when the row-wise LayerNorm kernels apply to x (..., C) and the other
+    tensors: all contiguous float32 CPU tensors outside low-precision autocast; else None."""
+    if x.numel() == 0 or not usable(x, *tensors):
+        return None
+    if not all(t is None or t.is_contiguous() for t in (x, *tensors)):
+        return None
+    return kernels()
+
+
+def _ln_from_stats(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    ln_w: torch.Tensor | None,
+    ln_b: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """LN(x) over the last dim again in backward: one pass from the saved statistics where
+    the C++ kernel applies, else recomputed (the same values up to rounding)."""
+    ops = _ln_kernels(x, mean, rstd, ln_w, ln_b)
+    if ops is not None:
+        return ops.layer_norm_apply(x, mean, rstd, ln_w, ln_b)
+    return F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+
+
+def _ln_backward(
+    grad_n: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    ln_w: torch.Tensor | None,
+    ln_b: torch.Tensor | None,
+    need_x: bool,
+    residual: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of x, weight and bias of LN over x's last dim, for grad_n of its output,
+    plus `residual` (a gradient of x's shape) on x's: one C++ pass where it applies."""
+    ops = _ln_kernels(x, grad_n, mean, rstd, ln_w, residual)
+    if ops is not None:
+        grad_x, grad_w, grad_b = ops.layer_norm_backward(grad_n, x, mean, rstd, ln_w, residual)
+        return grad_x, grad_w if ln_w is not None else None, grad_b if ln_b is not None else None
+    mask = [need_x, ln_w is not None, ln_b is not None]
+    grad_x, grad_w, grad_b = aten.native_layer_norm_backward(
+        grad_n, x, [x.shape[-1]], mean, rstd, ln_w, ln_b, mask
+    )
+    if residual is not None and grad_x is not None:
+        grad_x = grad_x + residual
+    return grad_x, grad_w, grad_b
+
+
 def _branch_scale(gamma: torch.Tensor) -> torch.Tensor:
     """Per fused channel (3C): gamma on branches a and c, 1 on branch b."""
     return torch.stack((gamma, torch.ones_like(gamma), gamma), 1).view(-1)
@@ -124,7 +179,7 @@ class _QuadraticMixerFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         c = x.shape[1]
         x_nhwc = _ln_input(_nhwc(x), ln_w)
-        n = _nchw(F.layer_norm(x_nhwc, (c,), ln_w, ln_b, eps)).to(dtype)
+        n = _nchw(_ln_from_stats(x_nhwc, mean, rstd, ln_w, ln_b, eps)).to(dtype)
         # Backward of y = a' * b + c' with the folded weights W' = s W (s = gamma on branches
         # a and c, 1 on b): dL/dn directly, then dW = s dW' and, since a' and c' are linear
         # in gamma, dgamma = <Wa, dWa'> + ba dba' + <Wc, dWc'> + bc dbc' per channel.
@@ -148,19 +203,11 @@ class _QuadraticMixerFn(torch.autograd.Function):
             scale = _branch_scale(gamma.to(dtype))
             grad_cw = None if grad_cw is None else grad_cw * scale.view(-1, 1, 1, 1)
             grad_cb = None if grad_cb is None else grad_cb * scale
-        grad_x, grad_lw, grad_lb = aten.native_layer_norm_backward(
-            _nhwc(grad_n).to(x_nhwc.dtype),
-            x_nhwc,
-            [c],
-            mean,
-            rstd,
-            ln_w,
-            ln_b,
-            [need[0], ln_w is not None, ln_b is not None],
+        res = _nhwc(grad).to(x_nhwc.dtype) if residual and need[0] else None
+        grad_x, grad_lw, grad_lb = _ln_backward(
+            _nhwc(grad_n).to(x_nhwc.dtype), x_nhwc, mean, rstd, ln_w, ln_b, need[0], res
         )
         grad_x = None if grad_x is None else _nchw(grad_x).to(x.dtype)
-        if residual and grad_x is not None:
-            grad_x = grad_x + grad.to(x.dtype)
         grad_cw = cast(grad_cw, conv_w.dtype) if need[3] else None
         grad_cb = cast(grad_cb, conv_b.dtype) if need[4] else None
         return grad_x, grad_lw, grad_lb, grad_cw, grad_cb, grad_gamma, None, None, None, None
@@ -268,18 +315,15 @@ class _ChannelMlpFn(torch.autograd.Function):
         if grad_u is None:
             grad_u = aten.gelu_backward(g @ w2s, u2)
         x_ln = _ln_input(x, ln_w)
-        n = F.layer_norm(x_ln, (c,), ln_w, ln_b, ctx.eps).reshape(-1, c).to(dtype)
+        n = _ln_from_stats(x_ln, mean, rstd, ln_w, ln_b, ctx.eps).reshape(-1, c).to(dtype)
         grad_w1 = grad_u.t() @ n
         if grad_b1 is None and need[4]:
             grad_b1 = grad_u.sum(0, dtype=_acc(dtype))
         grad_n = (grad_u @ w1.to(dtype)).reshape(x.shape).to(x_ln.dtype)
         del grad_u, n
-        grad_x, grad_lw, grad_lb = aten.native_layer_norm_backward(
-            grad_n, x_ln, [c], mean, rstd, ln_w, ln_b, [need[0], ln_w is not None, ln_b is not None]
-        )
+        res = grad.to(x_ln.dtype) if ctx.residual and need[0] else None
+        grad_x, grad_lw, grad_lb = _ln_backward(grad_n, x_ln, mean, rstd, ln_w, ln_b, need[0], res)
         grad_x = None if grad_x is None else grad_x.to(x.dtype)
-        if ctx.residual and grad_x is not None:
-            grad_x = grad_x + grad.to(x.dtype)
         return (
             grad_x,
             grad_lw,

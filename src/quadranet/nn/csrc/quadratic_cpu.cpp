@@ -5,7 +5,9 @@
 //   * its backward: dx and the fused weight / bias gradients in one pass over the data;
 //   * the exact (erf) GELU together with its derivative (and fc1's bias gradient) in one
 //     pass for the channel MLP's backward, and an exp-free GELU for its forward (in place at
-//     inference).
+//     inference);
+//   * the channel MLP by chunks of rows (few channels, large maps), and LayerNorm over rows
+//     from saved statistics and its backward, for the memory-efficient branches' backward.
 //
 // Vectors are GCC vector extensions of 8 floats (AVX2 + FMA with -march=native, pairs of
 // SSE registers otherwise); channels are processed in blocks of 8. Each task (one image,
@@ -808,6 +810,39 @@ void layer_norm_row(const float* x, int64_t c, const float* w, const float* b, f
   normalize_row(x, c, mean, rstd, w, b, out);
 }
 
+// LayerNorm's backward over one row of c values from its saved statistics: with
+// xhat = (x - mean) rstd and dy = dn w, gx = rstd (dy - mean(dy) - xhat mean(dy xhat)),
+// plus res where not null (a residual's gradient); adds dn xhat to dlw and dn to dlb.
+void layer_norm_backward_row(const float* x, const float* dn, int64_t c, float mean, float rstd,
+                             const float* w, const float* res, float* gx, float* dlw,
+                             float* dlb) {
+  vf sum_dy = {}, sum_dy_xhat = {};
+  for (int64_t j = 0; j < c; j += L) {
+    const int64_t n = std::min<int64_t>(L, c - j);
+    const vf xhat = (load_n(x + j, n) - mean) * rstd, d = load_n(dn + j, n);
+    const vf dy = w != nullptr ? d * load_n(w + j, n) : d;
+    sum_dy += dy;
+    sum_dy_xhat += dy * xhat;
+    store_n(dlw + j, load_n(dlw + j, n) + d * xhat, n);
+    store_n(dlb + j, load_n(dlb + j, n) + d, n);
+  }
+  float a = 0.f, b = 0.f;
+  for (int i = 0; i < L; ++i) {
+    a += sum_dy[i];
+    b += sum_dy_xhat[i];
+  }
+  a /= static_cast<float>(c);
+  b /= static_cast<float>(c);
+  for (int64_t j = 0; j < c; j += L) {
+    const int64_t n = std::min<int64_t>(L, c - j);
+    const vf xhat = (load_n(x + j, n) - mean) * rstd, d = load_n(dn + j, n);
+    const vf dy = w != nullptr ? d * load_n(w + j, n) : d;
+    vf out = rstd * (dy - a - xhat * b);
+    if (res != nullptr) out += load_n(res + j, n);
+    store_n(gx + j, out, n);
+  }
+}
+
 const float* optional_data(const c10::optional<at::Tensor>& t, int64_t size, const char* name) {
   if (!t.has_value() || !t->defined()) return nullptr;
   TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == size,
@@ -972,7 +1007,6 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& x, const at::Tensor& mean
   const float *xp = x.data_ptr<float>(), *gp = grad.data_ptr<float>(), *up = u.data_ptr<float>();
   const float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
   float* gxp = grad_x.data_ptr<float>();
-  const float inv_c = 1.f / static_cast<float>(c);
   at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
     const int64_t tid = at::get_thread_num();
     TORCH_CHECK(tid < threads, "mlp_backward: thread ", tid, " of ", threads);
@@ -1012,22 +1046,12 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& x, const at::Tensor& mean
       dn_of_du.run(r, dubuf.data(), 0.f, dnbuf.data());
       for (int64_t i = 0; i < r; ++i) {  // LayerNorm's backward, row by row
         const int64_t row = r0 + i;
-        const float *xr = xp + row * c, *dn = dnbuf.data() + i * c, *gr = g + i * c;
-        float* gx = gxp + row * c;
-        const float mu = mp[row], rs = rp[row];
-        float sum_dy = 0.f, sum_dy_xhat = 0.f;
-        for (int64_t j = 0; j < c; ++j) {
-          const float xhat = (xr[j] - mu) * rs, dy = lw ? dn[j] * lw[j] : dn[j];
-          sum_dy += dy;
-          sum_dy_xhat += dy * xhat;
-          dlw[j] += dn[j] * xhat;
-          dlb[j] += dn[j];
-          gsum[j] += gr[j];
-        }
-        const float a = sum_dy * inv_c, b = sum_dy_xhat * inv_c;
-        for (int64_t j = 0; j < c; ++j) {
-          const float xhat = (xr[j] - mu) * rs, dy = lw ? dn[j] * lw[j] : dn[j];
-          gx[j] = rs * (dy - a - xhat * b) + (residual ? gr[j] : 0.f);
+        const float* gr = g + i * c;
+        layer_norm_backward_row(xp + row * c, dnbuf.data() + i * c, c, mp[row], rp[row], lw,
+                                residual ? gr : nullptr, gxp + row * c, dlw, dlb);
+        for (int64_t j = 0; j < c; j += L) {
+          const int64_t n = std::min<int64_t>(L, c - j);
+          store_n(gsum + j, load_n(gsum + j, n) + load_n(gr + j, n), n);
         }
       }
       for (size_t j = 0; j < vec.size(); ++j) total[j] += vec[j];
@@ -1041,6 +1065,87 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& x, const at::Tensor& mean
           vec.narrow(0, 0, hid),
           acc_m.sum(0),
           vec.narrow(0, hid + 2 * c, c)};
+}
+
+// Checks x (..., C) and its LayerNorm statistics mean, rstd (..., 1); returns the rows.
+int64_t check_ln_rows(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                      const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.dim() >= 1 && x.size(-1) > 0,
+              name, ": expected a contiguous float32 CPU tensor (..., C), got ", x.scalar_type(),
+              " ", x.sizes());
+  const int64_t rows = x.numel() / x.size(-1);
+  for (const at::Tensor* t : {&mean, &rstd}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows,
+                name, ": expected contiguous float32 statistics of ", rows, " values, got ",
+                t->scalar_type(), " ", t->sizes());
+  }
+  return rows;
+}
+
+constexpr int64_t LN_ROWS = 64;  // rows per task of the row-wise LayerNorm passes
+
+// LayerNorm(x) over the last dim from its saved statistics: one pass instead of two (the
+// recomputing branches' backward, where the statistics are already known).
+at::Tensor layer_norm_apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                            const c10::optional<at::Tensor>& ln_w,
+                            const c10::optional<at::Tensor>& ln_b) {
+  const int64_t rows = check_ln_rows(x, mean, rstd, "layer_norm_apply"), c = x.size(-1);
+  const float* lw = optional_data(ln_w, c, "ln_weight");
+  const float* lb = optional_data(ln_b, c, "ln_bias");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const float *xp = x.data_ptr<float>(), *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, LN_ROWS, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      normalize_row(xp + row * c, c, mp[row], rp[row], lw, lb, op + row * c);
+    }
+  });
+  return out;
+}
+
+// LayerNorm's backward over the last dim of x (..., C) from its saved statistics, for the
+// gradient grad_n of its output, plus `residual` (a gradient of x's shape) where given: one
+// pass instead of native_layer_norm_backward and an add. Returns [grad_x, grad_weight,
+// grad_bias]; the parameter sums are kept per thread in double, added in thread order.
+std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad_n, const at::Tensor& x,
+                                            const at::Tensor& mean, const at::Tensor& rstd,
+                                            const c10::optional<at::Tensor>& ln_w,
+                                            const c10::optional<at::Tensor>& residual) {
+  const int64_t rows = check_ln_rows(x, mean, rstd, "layer_norm_backward"), c = x.size(-1);
+  const bool has_res = residual.has_value() && residual->defined();
+  for (const at::Tensor* t : {&grad_n, has_res ? &*residual : &grad_n}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->sizes() == x.sizes(),
+                "layer_norm_backward: gradients must be contiguous float32 of x's shape ",
+                x.sizes(), ", got ", t->scalar_type(), " ", t->sizes());
+  }
+  const float* lw = optional_data(ln_w, c, "ln_weight");
+  const int64_t threads = at::get_num_threads();
+  at::Tensor acc = at::zeros({threads, 2 * c}, x.options().dtype(at::kDouble));
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  const float *xp = x.data_ptr<float>(), *dp = grad_n.data_ptr<float>();
+  const float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  const float* res = has_res ? residual->data_ptr<float>() : nullptr;
+  float* gxp = grad_x.data_ptr<float>();
+  const int64_t tasks = (rows + LN_ROWS - 1) / LN_ROWS;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads, "layer_norm_backward: thread ", tid, " of ", threads);
+    double* total = acc[tid].data_ptr<double>();
+    Floats sums(2 * c);  // dln_w | dln_b over one task's rows, in float
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(sums.begin(), sums.end(), 0.f);
+      for (int64_t row = t * LN_ROWS; row < std::min(rows, (t + 1) * LN_ROWS); ++row) {
+        const int64_t off = row * c;
+        layer_norm_backward_row(xp + off, dp + off, c, mp[row], rp[row], lw,
+                                res ? res + off : nullptr, gxp + off, sums.data(),
+                                sums.data() + c);
+      }
+      for (int64_t j = 0; j < 2 * c; ++j) total[j] += sums[j];
+    }
+  });
+  const at::Tensor sums = acc.sum(0).to(at::kFloat);
+  return {grad_x, sums.narrow(0, 0, c), sums.narrow(0, c, c)};
 }
 
 }  // namespace
@@ -1065,6 +1170,12 @@ TORCH_LIBRARY(quadranet_cpu, m) {
       "mlp_backward(Tensor x, Tensor mean, Tensor rstd, Tensor u, Tensor grad, "
       "Tensor? ln_weight, Tensor? ln_bias, Tensor w1, Tensor w2, bool residual, int chunk=0) "
       "-> Tensor[]");
+  m.def(
+      "layer_norm_apply(Tensor x, Tensor mean, Tensor rstd, Tensor? ln_weight, Tensor? ln_bias) "
+      "-> Tensor");
+  m.def(
+      "layer_norm_backward(Tensor grad_n, Tensor x, Tensor mean, Tensor rstd, Tensor? ln_weight, "
+      "Tensor? residual=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(quadranet_cpu, CPU, m) {
@@ -1076,4 +1187,6 @@ TORCH_LIBRARY_IMPL(quadranet_cpu, CPU, m) {
   m.impl("mlp_inference", &mlp_inference);
   m.impl("mlp_forward", &mlp_forward);
   m.impl("mlp_backward", &mlp_backward);
+  m.impl("layer_norm_apply", &layer_norm_apply);
+  m.impl("layer_norm_backward", &layer_norm_backward);
 }
