@@ -340,6 +340,29 @@ def test_block_and_model_training_steps_match(spy, memory_efficient):
             close(a, e, rtol=2e-4)
 
 
+def test_mlp_residual_joins_the_op_on_channels_last_maps(spy):
+    """On contiguous NHWC maps the MLP's residual goes inside: in training the
+    memory-efficient op adds it in fc2's product and its gradient in LayerNorm's backward,
+    at inference fc2's product accumulates onto x. Both match the plain sum."""
+    torch.manual_seed(6)
+    block = QuadraBlock(16, kernel_size=5, layer_scale_init=0.5)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=CL)
+    expected = grads_after_step(block, x, False, True)
+    spy.calls.clear()
+    actual = grads_after_step(block, x, "balanced", True)
+    assert "layer_norm_backward" in spy.calls and "mlp_forward" not in spy.calls
+    for a, e in zip(actual, expected, strict=True):
+        close(a, e, rtol=2e-4)
+    x_nhwc = x.permute(0, 2, 3, 1)
+    with torch.no_grad():
+        fused_out = block.mlp.fused_residual(x_nhwc)
+        close(fused_out, x_nhwc + block.mlp(x_nhwc), rtol=1e-5)
+        assert block.mlp.fused_residual(x.contiguous().permute(0, 2, 3, 1)) is None  # NCHW
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv(ext.ENV_VAR, "0")
     assert ext.load() is None and ext.kernels() is None

@@ -18,10 +18,11 @@ from torch import nn
 
 from quadranet.nn import LayerNorm2d, QuadraticConv2d, quadratic_conv2d
 from quadranet.nn.depthwise import quadratic_product
-from quadranet.nn.ext import gelu_kernel
+from quadranet.nn.ext import gelu_kernel, usable
 from quadranet.nn.fused import (
     channel_mlp,
     chunked_mlp_kernels,
+    fc2_onto,
     fold_fc2_scale,
     fold_layer_scale,
     quadratic_mixer,
@@ -78,9 +79,7 @@ class ChannelMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.memory_efficient and torch.is_grad_enabled():
             return self._memory_efficient_op(x, residual=False)
-        h = self.fc1(self.norm(x))
-        ops = gelu_kernel(h) if self._exact_gelu() and not torch.is_grad_enabled() else None
-        h = ops.gelu_(h) if ops is not None else self.act(h)  # in place at inference
+        h = self._hidden(x)
         if self.gamma is None:
             return self.fc2(h)
         if torch.is_grad_enabled():
@@ -88,6 +87,12 @@ class ChannelMlp(nn.Module):
         # inference: the layer scale folded into fc2 (no pass over the output)
         weight, bias = fold_fc2_scale(self.fc2.weight, self.fc2.bias, self.gamma)
         return F.linear(h, weight, bias)
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU(fc1(LN(x))); at inference the C++ GELU runs in place on fc1's output."""
+        h = self.fc1(self.norm(x))
+        ops = gelu_kernel(h) if self._exact_gelu() and not torch.is_grad_enabled() else None
+        return ops.gelu_(h) if ops is not None else self.act(h)
 
     def _memory_efficient_op(self, x: torch.Tensor, residual: bool) -> torch.Tensor:
         norm, fc1, fc2 = self.norm, self.fc1, self.fc2
@@ -101,25 +106,31 @@ class ChannelMlp(nn.Module):
         return isinstance(self.act, nn.GELU) and self.act.approximate == "none"
 
     def fused_residual(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x + self(x) for an NHWC map as one op, or None where that does not apply.
+        """x + self(x) for an NHWC map with the residual inside, or None where that does not
+        apply: contiguous float32 CPU maps (channels-last models), the erf GELU and plain
+        Linear layers (not adapted ones). Elsewhere (an NCHW model's permuted view, CUDA,
+        tracing) the add outside costs the same.
 
-        Only where the chunked C++ kernels pay (`quadranet.nn.fused.chunked_mlp_kernels`:
-        large channels-last maps with few channels), which add the residual in their own
-        pass: in training the memory-efficient `channel_mlp` op with `residual=True`, at
-        inference `mlp_inference`. Not with a non-exact GELU or adapted (non-Linear) layers.
+        Training (memory-efficient MLPs only): the `channel_mlp` op with `residual=True`,
+        which adds x in fc2's product (or the chunked kernels' pass) and its gradient in
+        LayerNorm's backward. Inference: `mlp_inference` where the chunked C++ kernels pay
+        (`quadranet.nn.fused.chunked_mlp_kernels`: large maps with few channels), else fc2's
+        product accumulated onto x (`fc2_onto`).
         """
-        if not (self._exact_gelu() and type(self.fc1) is type(self.fc2) is nn.Linear):
+        fc1, fc2, norm = self.fc1, self.fc2, self.norm
+        if not (self._exact_gelu() and type(fc1) is type(fc2) is nn.Linear):
             return None
-        norm = self.norm
-        ops = chunked_mlp_kernels(x, self.fc1.out_features, norm.weight, self.fc1.weight)
-        if ops is None:  # elsewhere the residual add costs the same inside the op or out
+        if not (x.is_contiguous() and usable(x, norm.weight, fc1.weight)):
             return None
         if torch.is_grad_enabled():
             return self._memory_efficient_op(x, residual=True) if self.memory_efficient else None
-        w2, b2 = fold_fc2_scale(self.fc2.weight, self.fc2.bias, self.gamma)
-        return ops.mlp_inference(
-            x, norm.weight, norm.bias, norm.eps, self.fc1.weight, self.fc1.bias, w2, b2, True
-        )
+        w2, b2 = fold_fc2_scale(fc2.weight, fc2.bias, self.gamma)
+        ops = chunked_mlp_kernels(x, fc1.out_features, norm.weight, fc1.weight)
+        if ops is not None:
+            return ops.mlp_inference(
+                x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, w2, b2, True
+            )
+        return fc2_onto(x, self._hidden(x), w2, b2)
 
 
 def _layer_scale(dim: int, init: float | None) -> nn.Parameter | None:
