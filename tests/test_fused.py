@@ -57,6 +57,9 @@ def test_channel_mlp_gradcheck(use_gamma, residual):
     args = [rand(2, 3, 3, c), rand(c), rand(c), rand(h, c), rand(h), rand(c, h), rand(c)]
     args.append(rand(c) if use_gamma else None)
     assert gradcheck(lambda *a: channel_mlp(*a, 1e-6, residual), tuple(args))
+    # an NHWC view of an NCHW map (not contiguous), as NCHW models pass it
+    args[0] = rand(2, c, 3, 3, grad=False).permute(0, 2, 3, 1).requires_grad_()
+    assert gradcheck(lambda *a: channel_mlp(*a, 1e-6, residual), tuple(args))
 
 
 def _run_block(block, x, memory_efficient):

@@ -263,7 +263,7 @@ class _ChannelMlpFn(torch.autograd.Function):
                 ops = gelu_kernel(u)  # the C++ GELU: one read of u, one write of z
                 z = ops.gelu(u) if ops is not None else F.gelu(u)
                 w2c, b2c = w2s.to(dtype), cast(b2s, dtype)
-                if residual and x.dtype == dtype:
+                if residual and x.dtype == dtype and x.is_contiguous():
                     out = fc2_onto(x, z, w2c, b2c)
                 else:
                     out = F.linear(z, w2c, b2c)
@@ -345,9 +345,9 @@ class _ChannelMlpFn(torch.autograd.Function):
 def fc2_onto(
     x: torch.Tensor, z: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None
 ) -> torch.Tensor:
-    """x + (z W2^T + b2) over the last dim, the product accumulated onto a copy of x + b2:
-    one pass over the output fewer than F.linear and an add (the product's own
-    initialisation of its output is that pass)."""
+    """x + (z W2^T + b2) over the last dim for a contiguous x, the product accumulated onto
+    a copy of x + b2: one pass over the output fewer than F.linear and an add (the
+    product's own initialisation of its output is that pass)."""
     out = x + b2 if b2 is not None else x.clone(memory_format=torch.contiguous_format)
     out.view(-1, out.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), w2.t())
     return out
