@@ -18,7 +18,7 @@ from torch import nn
 
 from quadranet.nn import LayerNorm2d, QuadraticConv2d, quadratic_conv2d
 from quadranet.nn.depthwise import quadratic_product
-from quadranet.nn.ext import gelu_kernel, usable
+from quadranet.nn.ext import contiguous_kernels, usable
 from quadranet.nn.fused import (
     channel_mlp,
     chunked_mlp_kernels,
@@ -91,7 +91,7 @@ class ChannelMlp(nn.Module):
     def _hidden(self, x: torch.Tensor) -> torch.Tensor:
         """GELU(fc1(LN(x))); at inference the C++ GELU runs in place on fc1's output."""
         h = self.fc1(self.norm(x))
-        ops = gelu_kernel(h) if self._exact_gelu() and not torch.is_grad_enabled() else None
+        ops = contiguous_kernels(h) if self._exact_gelu() and not torch.is_grad_enabled() else None
         return ops.gelu_(h) if ops is not None else self.act(h)
 
     def _memory_efficient_op(self, x: torch.Tensor, residual: bool) -> torch.Tensor:

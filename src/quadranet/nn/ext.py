@@ -162,8 +162,11 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
-def gelu_kernel(u: torch.Tensor) -> object | None:
-    """The ops when `gelu_and_grad` applies to u (contiguous float32 CPU), else None."""
-    if u.numel() == 0 or not (usable(u) and u.is_contiguous()):
+def contiguous_kernels(x: torch.Tensor, *tensors: torch.Tensor | None) -> object | None:
+    """The ops when the row-wise kernels (GELU, LayerNorm) apply: x non-empty, and x and the
+    other tensors (None skipped) contiguous float32 CPU tensors (see `usable`); else None."""
+    if x.numel() == 0 or not usable(x, *tensors):
+        return None
+    if not all(t is None or t.is_contiguous() for t in (x, *tensors)):
         return None
     return kernels()

@@ -36,7 +36,7 @@ from quadranet.nn.depthwise import (
     no_autocast,
     product_and_branches,
 )
-from quadranet.nn.ext import gelu_kernel, kernels, usable
+from quadranet.nn.ext import contiguous_kernels, kernels, usable
 
 aten = torch.ops.aten
 
@@ -88,16 +88,6 @@ def _ln_input(x: torch.Tensor, ln_w: torch.Tensor | None) -> torch.Tensor:
     return x if ln_w is None or ln_w.dtype == x.dtype else x.to(ln_w.dtype)
 
 
-def _ln_kernels(x: torch.Tensor, *tensors: torch.Tensor | None) -> object | None:
-    """The C++ ops when the row-wise LayerNorm kernels apply to x (..., C) and the other
-    tensors: all contiguous float32 CPU tensors outside low-precision autocast; else None."""
-    if x.numel() == 0 or not usable(x, *tensors):
-        return None
-    if not all(t is None or t.is_contiguous() for t in (x, *tensors)):
-        return None
-    return kernels()
-
-
 def _ln_from_stats(
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -108,7 +98,7 @@ def _ln_from_stats(
 ) -> torch.Tensor:
     """LN(x) over the last dim again in backward: one pass from the saved statistics where
     the C++ kernel applies, else recomputed (the same values up to rounding)."""
-    ops = _ln_kernels(x, mean, rstd, ln_w, ln_b)
+    ops = contiguous_kernels(x, mean, rstd, ln_w, ln_b)
     if ops is not None:
         return ops.layer_norm_apply(x, mean, rstd, ln_w, ln_b)
     return F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
@@ -126,7 +116,7 @@ def _ln_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of x, weight and bias of LN over x's last dim, for grad_n of its output,
     plus `residual` (a gradient of x's shape) on x's: one C++ pass where it applies."""
-    ops = _ln_kernels(x, grad_n, mean, rstd, ln_w, residual)
+    ops = contiguous_kernels(x, grad_n, mean, rstd, ln_w, residual)
     if ops is not None:
         grad_x, grad_w, grad_b = ops.layer_norm_backward(grad_n, x, mean, rstd, ln_w, residual)
         return grad_x, grad_w if ln_w is not None else None, grad_b if ln_b is not None else None
@@ -260,7 +250,7 @@ class _ChannelMlpFn(torch.autograd.Function):
             with no_autocast(x):
                 n, mean, rstd = aten.native_layer_norm(_ln_input(x, ln_w), [c], ln_w, ln_b, eps)
                 u = F.linear(n.to(dtype), w1.to(dtype), cast(b1, dtype))
-                ops = gelu_kernel(u)  # the C++ GELU: one read of u, one write of z
+                ops = contiguous_kernels(u)  # the C++ GELU: one read of u, one write of z
                 z = ops.gelu(u) if ops is not None else F.gelu(u)
                 w2c, b2c = w2s.to(dtype), cast(b2s, dtype)
                 if residual and x.dtype == dtype and x.is_contiguous():
@@ -298,7 +288,7 @@ class _ChannelMlpFn(torch.autograd.Function):
             )
         g = grad.reshape(-1, c).to(dtype)
         u2 = u.reshape(-1, hidden)
-        ops = gelu_kernel(u2)
+        ops = contiguous_kernels(u2)
         grad_b1 = None
         if ops is not None:  # one erf pass: Z = GELU(U), dL/dU = dL/dZ * GELU'(U) in place,
             grad_u = g @ w2s  # and fc1's bias gradient, the column sums of dL/dU
