@@ -15,6 +15,7 @@ Float32 channels-last CPU tensors with stride 1 and 'same' padding run the C++ k
 CUDA tensors (float32, bfloat16, float16) run the Triton kernels of
 `quadranet.nn.triton_kernels` with the same interface. Any other input, or
 `QUADRANET_CPU_KERNELS=0` / `QUADRANET_TRITON=0`, keeps the oneDNN / cuDNN path above.
+`QUADRANET_TRITON=1` makes a GPU run fail where Triton does not import.
 """
 
 from __future__ import annotations
@@ -81,9 +82,16 @@ TRITON_DEVICES = ("cuda",)  # the tests add "cpu" to run the kernels in Triton's
 
 def triton_ops(*tensors: torch.Tensor | None) -> object | None:
     """`quadranet.nn.triton_kernels` for eager float tensors on a GPU, when Triton imports;
-    None otherwise or with `QUADRANET_TRITON=0`."""
+    None otherwise or with `QUADRANET_TRITON=0`. With `QUADRANET_TRITON=1` a GPU tensor
+    raises where Triton does not import, instead of falling back to cuDNN / ATen."""
     x = tensors[0]
-    if x.device.type not in TRITON_DEVICES or os.environ.get(TRITON_ENV_VAR, "") == "0":
+    setting = os.environ.get(TRITON_ENV_VAR, "")
+    if setting not in ("", "0", "1"):
+        raise ValueError(
+            f"{TRITON_ENV_VAR}={setting!r}: use 1 (require the Triton kernels on GPU), "
+            "0 (never use them) or leave it unset (use them where Triton imports)"
+        )
+    if x.device.type not in TRITON_DEVICES or setting == "0":
         return None
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return None
@@ -91,7 +99,12 @@ def triton_ops(*tensors: torch.Tensor | None) -> object | None:
         return None
     try:
         from quadranet.nn import triton_kernels
-    except ImportError:  # no Triton for this platform: cuDNN / ATen path
+    except ImportError as err:  # no Triton for this platform: cuDNN / ATen path
+        if setting == "1":
+            raise RuntimeError(
+                f"{TRITON_ENV_VAR}=1 but the Triton kernels do not import ({err}): install "
+                f"triton for this torch, or unset {TRITON_ENV_VAR} to fall back to cuDNN"
+            ) from err
         return None
     return triton_kernels if x.dtype in triton_kernels.DTYPES else None
 
