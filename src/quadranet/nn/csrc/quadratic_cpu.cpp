@@ -96,7 +96,6 @@ inline void in_register(vf& v) {
 #endif
 }
 
-// The first `n` lanes from p, zeros after (n <= L).
 // Lane-wise min and max: one instruction each with AVX (GCC's vector ternary compiles to a
 // compare and a blend). Where either is NaN, both return b.
 inline vf vmin(vf a, vf b) {
@@ -115,6 +114,7 @@ inline vf vmax(vf a, vf b) {
 #endif
 }
 
+// The first `n` lanes from p, zeros after (n <= L).
 inline vf load_n(const float* p, int64_t n) {
   if (n == L) return load(p);
   vf v = {};
