@@ -236,12 +236,24 @@ def test_gelu_and_grad_matches_float64(ops):
     grad = torch.randn(u.shape, generator=gen)
     grad_u = grad.clone()
     (z,) = ops.gelu_and_grad(u, grad_u)
+    # Z is the forward's GELU bit for bit, so fc2's weight gradient sees the forward's Z
+    assert torch.equal(z, ops.gelu(u))
     u64 = u.double()
-    z64 = F.gelu(u64)
-    d64 = torch.ops.aten.gelu_backward(grad.double(), u64)
-    # erf to 1.5e-7 absolute (as ATen's vectorised GELU), so errors scale with |u|
-    torch.testing.assert_close(z.double(), z64, rtol=1e-5, atol=2e-6)
-    torch.testing.assert_close(grad_u.double(), d64, rtol=1e-5, atol=2e-6)
+    derivative = torch.ops.aten.gelu_backward(torch.ones_like(u64), u64)
+    torch.testing.assert_close(grad_u.double(), grad.double() * derivative, rtol=1e-5, atol=2e-6)
+    # the derivative itself (grad = 1): within 4.5e-7 of float64, and exactly 1 (0) for
+    # u >= 6 (u <= -6), as float32 rounds it there; NaN stays NaN
+    ones = torch.ones_like(u)
+    ops.gelu_and_grad(u, ones)
+    assert (ones.double() - derivative).abs().max() <= 4.5e-7
+    tails = torch.cat([torch.linspace(6, 40, 301), torch.tensor([float("inf")])])
+    up, down = torch.ones_like(tails), torch.ones_like(tails)
+    ops.gelu_and_grad(tails, up)
+    ops.gelu_and_grad(-tails, down)
+    assert (up == 1).all() and (down == 0).all()
+    nan = torch.ones(1)
+    ops.gelu_and_grad(torch.tensor([float("nan")]), nan)
+    assert nan.isnan().all()
     empty = torch.empty(0, 4)
     assert ops.gelu_and_grad(empty, empty.clone())[0].numel() == 0
     assert torch.equal(ops.gelu_and_grad(empty, empty.clone(), True)[1], torch.zeros(4))

@@ -579,49 +579,59 @@ std::vector<at::Tensor> quadratic_backward(const at::Tensor& x, const at::Tensor
   return requested;
 }
 
-// e^x, relative error a few ulp; 0 below -87, e^88 above 88.
-inline vf vexp(vf x) {
-  const vf hi = splat(88.f), lo = splat(-87.f);
-  const vi underflow = x < lo;
-  x = vmax(lo, vmin(hi, x));  // a NaN stays NaN
-  const vf shifter = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (x * 1.44269504f + shifter) - shifter;
-  const vf r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-  vf poly = splat(1.f / 5040.f);
-  poly = poly * r + 1.f / 720.f;
-  poly = poly * r + 1.f / 120.f;
-  poly = poly * r + 1.f / 24.f;
-  poly = poly * r + 1.f / 6.f;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.f;
-  poly = poly * r + 1.f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  return underflow ? vf{} : poly * reinterpret_cast<const vf&>(bits);
+// gelu(u) = u Phi(u), Phi(u) = 1/2 + c P(c^2) / Q(c^2) with c = u clamped to [-5.5, 5.5]
+// and Phi clamped to [0, 1]. The rational function was fitted (least squares reweighted
+// toward the minimax error, in double) to Phi(u) - 1/2 on [0, 5.5], plus a ramp of 3e-7 at
+// the end: it reaches 1/2 + 1.7e-7 there, so Phi is exactly 1 (0 below) beyond the clamp
+// and gelu(u) is u (0) there, as in float32 exact GELU. Error below 3e-7 |u| in float32;
+// no exp: for inference and the training forward, where the derivative is not needed.
+// Multiply-adds, min/max and one division: 1.4x the throughput of the previous A&S
+// 7.1.28 form (poly^-16) on Zen 3, and 3x more accurate.
+inline vf gelu_fast_vec(vf u) {
+  constexpr float kClamp = 5.5f;
+  const vf c = vmax(splat(-kClamp), vmin(splat(kClamp), u));  // a NaN stays NaN
+  const vf v = c * c;
+  vf p = splat(7.4415493164260715e-06f);
+  p = p * v + 4.156277350420871e-04f;
+  p = p * v + 6.185110634372833e-03f;
+  p = p * v + 5.870831657358246e-02f;
+  p = p * v + 0.3989415613626975f;  // about 1 / sqrt(2 pi), Phi'(0)
+  vf q = splat(6.096019477888626e-07f);
+  q = q * v + 1.492627931386531e-04f;
+  q = q * v + 3.29361943709954e-03f;
+  q = q * v + 4.2826902136052634e-02f;
+  q = q * v + 0.3138151480609739f;
+  q = q * v + 1.f;
+  return u * vmax(splat(0.f), vmin(splat(1.f), c * p / q + 0.5f));
 }
 
-// Phi(u), the standard normal CDF, and exp(-u^2 / 2): Phi(u) = 1 - erfc(|u| / sqrt 2) / 2
-// for u >= 0 (erfc / 2 below 0). erfc(z) = t P(t) exp(-z^2), t = 1 / (1 + p z), is
-// Abramowitz and Stegun's 7.1.26 (absolute error below 1.5e-7), so one exp serves both
-// Phi and the normal density.
-inline vf normal_cdf(vf u, vf& gauss) {
-  const vf zabs = (u < 0.f ? -u : u) * 0.70710678f;  // |u| / sqrt(2)
-  const vf t = 1.f / (1.f + 0.3275911f * zabs);
-  vf poly = splat(1.061405429f);
-  poly = poly * t - 1.453152027f;
-  poly = poly * t + 1.421413741f;
-  poly = poly * t - 0.284496736f;
-  poly = poly * t + 0.254829592f;
-  gauss = vexp(-zabs * zabs);
-  const vf half_erfc = 0.5f * t * poly * gauss;
-  return u < 0.f ? half_erfc : 1.f - half_erfc;
+// gelu'(u) = Phi(u) + u phi(u) = 1/2 + c P(c^2) / Q(c^2) with c = u clamped to [-6, 6]:
+// the odd part, fitted in double as for Phi above (degrees 5 and 5; a ramp of -1.35e-7
+// makes it 1/2 in float32 at the clamp, so gelu' is exactly 1 (0) for u >= 6 (u <= -6),
+// as the float32 exact derivative rounds). Error below 4.5e-7 absolute; no exp.
+inline vf gelu_grad_vec(vf u) {
+  constexpr float kClamp = 6.f;
+  const vf c = vmax(splat(-kClamp), vmin(splat(kClamp), u));
+  const vf v = c * c;
+  vf p = splat(1.9085629787696234e-07f);
+  p = p * v + 3.584895239328034e-05f;
+  p = p * v + 2.4214836230385117e-05f;
+  p = p * v + 1.4208994805812836e-02f;
+  p = p * v - 3.0742069706320763e-02f;
+  p = p * v + 0.7978845238685608f;  // about 2 / sqrt(2 pi), gelu''(0)
+  vf q = splat(8.886634532245807e-06f);
+  q = q * v + 1.9352699746377766e-04f;
+  q = q * v + 3.5287656355649233e-03f;
+  q = q * v + 4.1065093129873276e-02f;
+  q = q * v + 0.2948073744773865f;
+  q = q * v + 1.f;
+  return c * p / q + 0.5f;
 }
 
-// z = gelu(u) = u * Phi(u) and grad <- grad * gelu'(u) = grad * (Phi(u) + u * phi(u)).
+// z = gelu(u), exactly as the forward computes it, and grad <- grad * gelu'(u).
 inline void gelu_vec(vf u, vf& z, vf& grad) {
-  vf gauss;
-  const vf cdf = normal_cdf(u, gauss);
-  z = u * cdf;
-  grad = grad * (cdf + u * (gauss * 0.39894228f));  // 1 / sqrt(2 pi)
+  z = gelu_fast_vec(u);
+  grad = grad * gelu_grad_vec(u);
 }
 
 // Returns gelu(u) (exact erf form, as torch.nn.functional.gelu) and multiplies `grad` in
@@ -679,32 +689,6 @@ std::vector<at::Tensor> gelu_and_grad(const at::Tensor& u_in, const at::Tensor& 
     out.push_back(colsum);
   }
   return out;
-}
-
-// gelu(u) = u Phi(u), Phi(u) = 1/2 + c P(c^2) / Q(c^2) with c = u clamped to [-5.5, 5.5]
-// and Phi clamped to [0, 1]. The rational function was fitted (least squares reweighted
-// toward the minimax error, in double) to Phi(u) - 1/2 on [0, 5.5], plus a ramp of 3e-7 at
-// the end: it reaches 1/2 + 1.7e-7 there, so Phi is exactly 1 (0 below) beyond the clamp
-// and gelu(u) is u (0) there, as in float32 exact GELU. Error below 3e-7 |u| in float32;
-// no exp: for inference and the training forward, where the derivative is not needed.
-// Multiply-adds, min/max and one division: 1.4x the throughput of the previous A&S
-// 7.1.28 form (poly^-16) on Zen 3, and 3x more accurate.
-inline vf gelu_fast_vec(vf u) {
-  constexpr float kClamp = 5.5f;
-  const vf c = vmax(splat(-kClamp), vmin(splat(kClamp), u));  // a NaN stays NaN
-  const vf v = c * c;
-  vf p = splat(7.4415493164260715e-06f);
-  p = p * v + 4.156277350420871e-04f;
-  p = p * v + 6.185110634372833e-03f;
-  p = p * v + 5.870831657358246e-02f;
-  p = p * v + 0.3989415613626975f;  // about 1 / sqrt(2 pi), Phi'(0)
-  vf q = splat(6.096019477888626e-07f);
-  q = q * v + 1.492627931386531e-04f;
-  q = q * v + 3.29361943709954e-03f;
-  q = q * v + 4.2826902136052634e-02f;
-  q = q * v + 0.3138151480609739f;
-  q = q * v + 1.f;
-  return u * vmax(splat(0.f), vmin(splat(1.f), c * p / q + 0.5f));
 }
 
 // out = gelu(in) (erf form, error below 3e-7 |u|, no exp); out may be in.
