@@ -320,7 +320,47 @@ def test_channel_mlp_gelu_kernel_matches(spy, use_gamma):
     assert not spy.calls
     for a, e in zip(step(), expected, strict=True):
         close(a, e)
-    assert spy.calls == ["gelu", "gelu_and_grad", "layer_norm_apply", "layer_norm_backward"]
+    assert spy.calls == [
+        "gelu",
+        "gelu_and_grad",
+        "layer_norm_apply",
+        "matmul_groups",
+        "layer_norm_backward",
+    ]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_groups_match_mm(ops, threads):
+    """Two groups of products side by side (each single-threaded) give torch.mm's results,
+    into row slices of one output as the MLP's backward uses them."""
+    gen = torch.Generator().manual_seed(11)
+    a0, b0 = torch.randn(37, 50, generator=gen), torch.randn(50, 29, generator=gen)
+    a1 = torch.randn(80, 50, generator=gen).t()  # a transposed view, as G^T
+    b1 = torch.randn(80, 29, generator=gen).requires_grad_()  # a weight, as in backward
+    c = torch.randn(16, 50, generator=gen)
+    out0, out1 = torch.empty(37, 29), torch.empty(50, 29)
+    rows = torch.empty(16, 29)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():  # as in a backward; the worker thread has its own grad mode
+            ops.matmul_groups(
+                [out0, rows[:7], out1, rows[7:]],
+                [a0, c[:7], a1, c[7:]],
+                [b0, b0, b1, b0],
+                [0, 0, 1, 1],
+            )
+    finally:
+        torch.set_num_threads(previous)
+    close(out0, a0 @ b0, rtol=1e-5)
+    close(out1, (a1 @ b1).detach(), rtol=1e-5)
+    close(rows, c @ b0, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="group must be 0 or 1"):
+        ops.matmul_groups([out0], [a0], [b0], [2])
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.matmul_groups([out1], [a0], [b0], [0])
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.matmul_groups([out0.double()], [a0.double()], [b0.double()], [0])
 
 
 def grads_after_step(model, x, memory_efficient, enabled):
