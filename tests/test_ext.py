@@ -300,8 +300,10 @@ def test_layer_norm_kernels_match_float64(ops, c, affine):
         ops.layer_norm_backward(grad.transpose(1, 2), x, mean, rstd, w, None)
 
 
-@pytest.mark.parametrize("use_gamma", [True, False])
-def test_channel_mlp_gelu_kernel_matches(spy, use_gamma):
+@pytest.mark.parametrize(("use_gamma", "threads"), [(True, 2), (False, 2), (True, 1)])
+def test_channel_mlp_gelu_kernel_matches(spy, use_gamma, threads):
+    """The MLP's backward with the kernels (the GELU pass, LayerNorm from the saved
+    statistics, with two threads the grouped products) against plain autograd."""
     gen = torch.Generator().manual_seed(4)
     c, hidden = 6, 24
     shapes = [(2, 5, 3, c), (c,), (c,), (hidden, c), (hidden,), (c, hidden), (c,), (c,)]
@@ -318,13 +320,20 @@ def test_channel_mlp_gelu_kernel_matches(spy, use_gamma):
     with ext.cpu_kernels(False):
         expected = step()
     assert not spy.calls
-    for a, e in zip(step(), expected, strict=True):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        actual = step()
+    finally:
+        torch.set_num_threads(previous)
+    for a, e in zip(actual, expected, strict=True):
         close(a, e)
+    groups = ["matmul_groups"] if threads == 2 else []
     assert spy.calls == [
         "gelu",
         "gelu_and_grad",
         "layer_norm_apply",
-        "matmul_groups",
+        *groups,
         "layer_norm_backward",
     ]
 
