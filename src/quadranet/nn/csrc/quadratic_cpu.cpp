@@ -581,54 +581,53 @@ std::vector<at::Tensor> quadratic_backward(const at::Tensor& x, const at::Tensor
   return requested;
 }
 
+// c P(c^2) / Q(c^2) with c = u clamped to [-clamp, clamp] (a NaN stays NaN), P and Q
+// given by their coefficients from the highest power down (Horner's rule): the odd part
+// of the two GELU fits below.
+template <size_t NP, size_t NQ>
+inline vf odd_rational(vf u, float clamp, const float (&p)[NP], const float (&q)[NQ]) {
+  const vf c = vmax(splat(-clamp), vmin(splat(clamp), u));
+  const vf v = c * c;
+  vf num = splat(p[0]);
+  for (size_t i = 1; i < NP; ++i) num = num * v + p[i];
+  vf den = splat(q[0]);
+  for (size_t i = 1; i < NQ; ++i) den = den * v + q[i];
+  return c * num / den;
+}
+
 // gelu(u) = u Phi(u), Phi(u) = 1/2 + c P(c^2) / Q(c^2) with c = u clamped to [-5.5, 5.5]
 // and Phi clamped to [0, 1]. The rational function was fitted (least squares reweighted
 // toward the minimax error, in double) to Phi(u) - 1/2 on [0, 5.5], plus a ramp of 3e-7 at
 // the end: it reaches 1/2 + 1.7e-7 there, so Phi is exactly 1 (0 below) beyond the clamp
 // and gelu(u) is u (0) there, as in float32 exact GELU. Error below 3e-7 |u| in float32;
-// no exp: for inference and the training forward, where the derivative is not needed.
-// Multiply-adds, min/max and one division: 1.4x the throughput of the previous A&S
-// 7.1.28 form (poly^-16) on Zen 3, and 3x more accurate.
+// no exp. Multiply-adds, min/max and one division: 1.4x the throughput of the previous
+// A&S 7.1.28 form (poly^-16) on Zen 3, and 3x more accurate. P's last coefficient is
+// about 1 / sqrt(2 pi), Phi'(0).
+constexpr float kPhiP[] = {7.4415493164260715e-06f, 4.156277350420871e-04f,
+                           6.185110634372833e-03f, 5.870831657358246e-02f,
+                           0.3989415613626975f};
+constexpr float kPhiQ[] = {6.096019477888626e-07f, 1.492627931386531e-04f,
+                           3.29361943709954e-03f,  4.2826902136052634e-02f,
+                           0.3138151480609739f,    1.f};
+
 inline vf gelu_fast_vec(vf u) {
-  constexpr float kClamp = 5.5f;
-  const vf c = vmax(splat(-kClamp), vmin(splat(kClamp), u));  // a NaN stays NaN
-  const vf v = c * c;
-  vf p = splat(7.4415493164260715e-06f);
-  p = p * v + 4.156277350420871e-04f;
-  p = p * v + 6.185110634372833e-03f;
-  p = p * v + 5.870831657358246e-02f;
-  p = p * v + 0.3989415613626975f;  // about 1 / sqrt(2 pi), Phi'(0)
-  vf q = splat(6.096019477888626e-07f);
-  q = q * v + 1.492627931386531e-04f;
-  q = q * v + 3.29361943709954e-03f;
-  q = q * v + 4.2826902136052634e-02f;
-  q = q * v + 0.3138151480609739f;
-  q = q * v + 1.f;
-  return u * vmax(splat(0.f), vmin(splat(1.f), c * p / q + 0.5f));
+  const vf phi = odd_rational(u, 5.5f, kPhiP, kPhiQ) + 0.5f;
+  return u * vmax(splat(0.f), vmin(splat(1.f), phi));
 }
 
 // gelu'(u) = Phi(u) + u phi(u) = 1/2 + c P(c^2) / Q(c^2) with c = u clamped to [-6, 6]:
 // the odd part, fitted in double as for Phi above (degrees 5 and 5; a ramp of -1.35e-7
 // makes it 1/2 in float32 at the clamp, so gelu' is exactly 1 (0) for u >= 6 (u <= -6),
-// as the float32 exact derivative rounds). Error below 4.5e-7 absolute; no exp.
-inline vf gelu_grad_vec(vf u) {
-  constexpr float kClamp = 6.f;
-  const vf c = vmax(splat(-kClamp), vmin(splat(kClamp), u));
-  const vf v = c * c;
-  vf p = splat(1.9085629787696234e-07f);
-  p = p * v + 3.584895239328034e-05f;
-  p = p * v + 2.4214836230385117e-05f;
-  p = p * v + 1.4208994805812836e-02f;
-  p = p * v - 3.0742069706320763e-02f;
-  p = p * v + 0.7978845238685608f;  // about 2 / sqrt(2 pi), gelu''(0)
-  vf q = splat(8.886634532245807e-06f);
-  q = q * v + 1.9352699746377766e-04f;
-  q = q * v + 3.5287656355649233e-03f;
-  q = q * v + 4.1065093129873276e-02f;
-  q = q * v + 0.2948073744773865f;
-  q = q * v + 1.f;
-  return c * p / q + 0.5f;
-}
+// as the float32 exact derivative rounds). Error below 4.5e-7 absolute; no exp. P's last
+// coefficient is about 2 / sqrt(2 pi), gelu''(0).
+constexpr float kGeluGradP[] = {1.9085629787696234e-07f, 3.584895239328034e-05f,
+                                2.4214836230385117e-05f, 1.4208994805812836e-02f,
+                                -3.0742069706320763e-02f, 0.7978845238685608f};
+constexpr float kGeluGradQ[] = {8.886634532245807e-06f, 1.9352699746377766e-04f,
+                                3.5287656355649233e-03f, 4.1065093129873276e-02f,
+                                0.2948073744773865f,     1.f};
+
+inline vf gelu_grad_vec(vf u) { return odd_rational(u, 6.f, kGeluGradP, kGeluGradQ) + 0.5f; }
 
 // z = gelu(u), exactly as the forward computes it, and grad <- grad * gelu'(u).
 inline void gelu_vec(vf u, vf& z, vf& grad) {
