@@ -294,7 +294,7 @@ class _ChannelMlpFn(torch.autograd.Function):
             grad_u = g @ w2s  # and fc1's bias gradient, the column sums of dL/dU
             z, *sums = ops.gelu_and_grad(u2, grad_u, need[4])
             grad_b1 = sums[0] if sums else None
-            n = _ln_from_stats(x_ln, mean, rstd, ln_w, ln_b, ctx.eps).reshape(-1, c)
+            n = _ln_from_stats(x_ln, mean, rstd, ln_w, ln_b, ctx.eps).reshape(-1, c).to(dtype)
             m, grad_w1, grad_n = _mlp_weight_and_input_grads(ops, g, z, grad_u, n, w1)
             del z
         else:
