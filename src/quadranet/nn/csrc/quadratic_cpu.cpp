@@ -75,7 +75,6 @@ struct AlignedAllocator {
 using Floats = std::vector<float, AlignedAllocator<float>>;
 
 typedef float vf __attribute__((vector_size(L * sizeof(float))));
-typedef int vi __attribute__((vector_size(L * sizeof(int))));
 
 inline vf load(const float* p) {
   vf v;
@@ -761,7 +760,6 @@ void matmul_groups(at::TensorList out, at::TensorList a, at::TensorList b,
     }
   });
 }
-
 
 // ---------------------------------------------------------------------------------------
 // Channel MLP at inference, x + fc2(GELU(fc1(LN(x)))) over the last dim, in chunks of rows:
