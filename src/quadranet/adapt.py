@@ -39,6 +39,7 @@ from quadranet.engine.train import (
 from quadranet.models import FIRST_ORDER_MODELS, create_model
 from quadranet.nn import QuadraticConv2d, QuadraticLinear
 from quadranet.nn.quadratic import INIT_STD
+from quadranet.nn.recompute import DEFAULT_RECOMPUTE, Recompute
 
 QUADRATIC_LAYERS = (QuadraticConv2d, QuadraticLinear)
 FIRST_ORDER_PREFIX, QUADRATIC_PREFIX = "convnet", "quadranet"
@@ -135,11 +136,11 @@ def _targets(model: nn.Module, channel: bool) -> Iterator[tuple[nn.Module, str, 
             yield mlp, "fc1", "channel"
 
 
-def _to_quadratic(layer: nn.Module, memory_efficient: bool) -> nn.Module:
+def _to_quadratic(layer: nn.Module, recompute: Recompute | str) -> nn.Module:
     """The quadratic layer computing exactly `layer` (C = its weights, A = 0, B random)."""
     if isinstance(layer, nn.Linear):
         return QuadraticLinear.from_linear(layer)
-    return QuadraticConv2d.from_conv(layer, memory_efficient=memory_efficient)
+    return QuadraticConv2d.from_conv(layer, recompute=recompute)
 
 
 def _set_b(layer: nn.Module, b_std: float) -> None:
@@ -165,7 +166,7 @@ def quadratize(
     adapter_only: bool = False,
     inplace: bool = False,
     b_std: float = INIT_STD,
-    memory_efficient: bool = True,
+    recompute: Recompute | str = DEFAULT_RECOMPUTE,
 ) -> nn.Module:
     """A quadratic network computing exactly what the first-order `model` computes.
 
@@ -176,7 +177,7 @@ def quadratize(
             trained, whatever the optimizer or weight decay).
         inplace: convert `model` itself instead of a copy.
         b_std: std of the random B part (> 0, or A never receives gradient).
-        memory_efficient: quadratic depthwise convs keep only their input for backward.
+        recompute: what the quadratic convs keep for backward ("full": only their input).
     """
     if not b_std > 0:
         raise ValueError(
@@ -190,14 +191,12 @@ def quadratize(
         raise ValueError(_nothing_to_convert(model))
     if adapter_only:
         model.requires_grad_(False)
-    for parent, attr, kind in targets:
-        layer = _to_quadratic(getattr(parent, attr), memory_efficient and kind == "spatial")
+    for parent, attr, _ in targets:
+        layer = _to_quadratic(getattr(parent, attr), recompute)
         _set_b(layer, b_std)
         if adapter_only:
             freeze_linear_term(layer)
         setattr(parent, attr, layer)
-        if kind == "channel" and getattr(parent, "memory_efficient", False):
-            parent.memory_efficient = False  # the fused MLP op assumes a linear fc1
     return model
 
 

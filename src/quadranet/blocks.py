@@ -5,42 +5,25 @@ Every block is pre-norm with two residual branches on an NCHW map:
     x = x + DropPath(gamma1 * mixer(LN(x)))                      spatial mixing
     x = x + DropPath(gamma2 * fc2(GELU(fc1(LN(x)))))              channel mixing
 
-and the blocks differ only in the spatial mixer.
+and the blocks differ only in the spatial mixer. Each branch keeps for backward what the
+block's `recompute` setting says (`quadranet.nn.recompute`). `reparameterize()` folds the
+layer scales into the preceding weights for inference.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
-from quadranet.nn import LayerNorm2d, QuadraticConv2d, quadratic_conv2d
-from quadranet.nn.depthwise import quadratic_product
-from quadranet.nn.ext import contiguous_kernels, usable
-from quadranet.nn.fused import (
-    channel_mlp,
-    chunked_mlp_kernels,
-    fc2_onto,
-    fold_fc2_scale,
-    fold_layer_scale,
-    quadratic_mixer,
-)
+from quadranet.nn import LayerNorm2d, QuadraticConv2d
+from quadranet.nn.recompute import DEFAULT_RECOMPUTE, Recompute, run_branch
+from quadranet.ops import quadratic_dwconv
 
 LN_EPS = 1e-6
-
-
-def check_memory_efficient(value: bool | str) -> bool | str:
-    """Validate a QuadraBlock `memory_efficient` level: False (plain autograd), True (the
-    least memory) or "balanced" (the spatial branch also keeps the conv's branches a and b,
-    2 C per pixel, so backward does not recompute them)."""
-    if isinstance(value, bool) or (isinstance(value, str) and value == "balanced"):
-        return value
-    raise ValueError(
-        f"memory_efficient must be False, True (least memory) or 'balanced' (also keeps "
-        f"the quadratic conv's branches: faster backward); got {value!r}"
-    )
 
 
 def check_kernel_size(kernel_size: int) -> int:
@@ -53,23 +36,29 @@ def check_kernel_size(kernel_size: int) -> int:
     return kernel_size
 
 
+@torch.no_grad()
+def _fold_scale(layer: nn.Module, scale: torch.Tensor) -> bool:
+    """Multiply the outputs of a linear/conv layer by `scale` (per output channel) through
+    its weights; False (nothing changed) for a layer it does not know or a parametrized one."""
+    if getattr(layer, "parametrizations", None):
+        return False
+    if isinstance(layer, QuadraticConv2d):  # gamma on branches a and c of each group
+        s = scale.view(layer.groups, 1, -1)
+        scale = torch.cat((s, torch.ones_like(s), s), 1).flatten()
+    elif not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return False
+    layer.weight.mul_(scale.view(-1, *[1] * (layer.weight.dim() - 1)))
+    if layer.bias is not None:
+        layer.bias.mul_(scale)
+    return True
+
+
 class ChannelMlp(nn.Module):
-    """Channel mixing on an NHWC map: gamma * fc2(GELU(fc1(LN(x)))).
+    """Channel mixing on an NHWC map: gamma * fc2(GELU(fc1(LN(x))))."""
 
-    `memory_efficient=True` runs it as one op that keeps only x, the LN statistics and
-    fc1's output for backward (see `quadranet.nn.fused.channel_mlp`).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        mlp_ratio: float = 4.0,
-        layer_scale_init: float | None = 1e-6,
-        memory_efficient: bool = False,
-    ) -> None:
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, layer_scale_init: float | None = 1e-6):
         super().__init__()
         hidden = int(mlp_ratio * dim)
-        self.memory_efficient = bool(memory_efficient)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
@@ -77,60 +66,13 @@ class ChannelMlp(nn.Module):
         self.gamma = _layer_scale(dim, layer_scale_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.memory_efficient and torch.is_grad_enabled():
-            return self._memory_efficient_op(x, residual=False)
-        h = self._hidden(x)
-        if self.gamma is None:
-            return self.fc2(h)
-        if torch.is_grad_enabled():
-            return self.fc2(h) * self.gamma
-        # inference: the layer scale folded into fc2 (no pass over the output)
-        weight, bias = fold_fc2_scale(self.fc2.weight, self.fc2.bias, self.gamma)
-        return F.linear(h, weight, bias)
+        y = self.fc2(self.act(self.fc1(self.norm(x))))
+        return y if self.gamma is None else y * self.gamma
 
-    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """GELU(fc1(LN(x))); at inference the C++ GELU runs in place on fc1's output."""
-        h = self.fc1(self.norm(x))
-        ops = contiguous_kernels(h) if self._exact_gelu() and not torch.is_grad_enabled() else None
-        return ops.gelu_(h) if ops is not None else self.act(h)
-
-    def _memory_efficient_op(self, x: torch.Tensor, residual: bool) -> torch.Tensor:
-        norm, fc1, fc2 = self.norm, self.fc1, self.fc2
-        return channel_mlp(
-            x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.gamma,
-            norm.eps, residual,
-        )  # fmt: skip
-
-    def _exact_gelu(self) -> bool:
-        """The activation is the erf GELU that the C++ kernels compute."""
-        return isinstance(self.act, nn.GELU) and self.act.approximate == "none"
-
-    def fused_residual(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x + self(x) for an NHWC map with the residual inside, or None where that does not
-        apply: contiguous float32 CPU maps (channels-last models), the erf GELU and plain
-        Linear layers (not adapted ones). Elsewhere (an NCHW model's permuted view, CUDA,
-        tracing) the add outside costs the same.
-
-        Training (memory-efficient MLPs only): the `channel_mlp` op with `residual=True`,
-        which adds x in fc2's product (or the chunked kernels' pass) and its gradient in
-        LayerNorm's backward. Inference: `mlp_inference` where the chunked C++ kernels pay
-        (`quadranet.nn.fused.chunked_mlp_kernels`: large maps with few channels), else fc2's
-        product accumulated onto x (`fc2_onto`).
-        """
-        fc1, fc2, norm = self.fc1, self.fc2, self.norm
-        if not (self._exact_gelu() and type(fc1) is type(fc2) is nn.Linear):
-            return None
-        if not (x.is_contiguous() and usable(x, norm.weight, fc1.weight)):
-            return None
-        if torch.is_grad_enabled():
-            return self._memory_efficient_op(x, residual=True) if self.memory_efficient else None
-        w2, b2 = fold_fc2_scale(fc2.weight, fc2.bias, self.gamma)
-        ops = chunked_mlp_kernels(x, fc1.out_features, norm.weight, fc1.weight)
-        if ops is not None:
-            return ops.mlp_inference(
-                x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, w2, b2, True
-            )
-        return fc2_onto(x, self._hidden(x), w2, b2)
+    def reparameterize(self) -> None:
+        """Fold the layer scale into fc2 (inference)."""
+        if self.gamma is not None and _fold_scale(self.fc2, self.gamma):
+            self.gamma = None
 
 
 def _layer_scale(dim: int, init: float | None) -> nn.Parameter | None:
@@ -147,7 +89,7 @@ class MixerBlock(nn.Module):
         mlp_ratio: hidden width of the channel MLP relative to `dim`.
         drop_path: stochastic depth rate of both branches.
         layer_scale_init: initial per-channel scale (gamma); None or 0 disables it.
-        memory_efficient: run the channel MLP with recomputation (exact gradients).
+        recompute: what each branch keeps for backward ("none", "cheap" or "full").
     """
 
     def __init__(
@@ -157,7 +99,7 @@ class MixerBlock(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         layer_scale_init: float | None = 1e-6,
-        memory_efficient: bool = False,
+        recompute: Recompute | str = Recompute.NONE,
     ) -> None:
         super().__init__()
         if mixer is not None:
@@ -166,37 +108,57 @@ class MixerBlock(nn.Module):
             self.gamma1 = _layer_scale(dim, layer_scale_init)
         else:
             self.norm1 = self.mixer = self.gamma1 = None
-        self.mlp = ChannelMlp(dim, mlp_ratio, layer_scale_init, memory_efficient)
+        self.mlp = ChannelMlp(dim, mlp_ratio, layer_scale_init)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.recompute = Recompute.parse(recompute)
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial-mixing branch, gamma1 * mixer(LN(x)), before drop-path."""
         y = self.mixer(self.norm1(x))
-        return y * self.gamma1.view(1, -1, 1, 1) if self.gamma1 is not None else y
+        return y if self.gamma1 is None else y * self.gamma1.view(1, -1, 1, 1)
 
-    def spatial_residual(self, x: torch.Tensor) -> torch.Tensor:
-        """x + DropPath(spatial(x)): the block's first residual step."""
-        return x + self.drop_path(self.spatial(x))
+    def channel(self, x: torch.Tensor) -> torch.Tensor:
+        """The channel-mixing branch on an NCHW map, before drop-path."""
+        return self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        recompute = self.recompute if self.training else Recompute.NONE
         if self.mixer is not None:
-            x = self.spatial_residual(x)
-        x_nhwc = x.permute(0, 2, 3, 1)
-        if not self.training or isinstance(self.drop_path, nn.Identity):
-            out = self.mlp.fused_residual(x_nhwc)  # one op where that applies, else None
-            if out is not None:
-                return out.permute(0, 3, 1, 2)
-        return x + self.drop_path(self.mlp(x_nhwc).permute(0, 3, 1, 2))
+            x = x + self.drop_path(run_branch(self.spatial, x, recompute))
+        return x + self.drop_path(run_branch(self.channel, x, recompute))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the layer scales into the weights before them (inference; timm's name)."""
+        self.mlp.reparameterize()
+        if self.gamma1 is not None:
+            last = getattr(self.mixer, "proj_out", self.mixer)  # gnConv ends in proj_out
+            if _fold_scale(last, self.gamma1):
+                self.gamma1 = None
+
+    def extra_repr(self) -> str:
+        return f"recompute={self.recompute.value}"
+
+
+def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The model for inference with every block's layer scales folded into its weights.
+
+    Like timm's `reparameterize_model`: a copy unless `inplace`; outputs are unchanged up
+    to rounding, and what `torch.export` or ONNX export then sees is what eager runs.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, MixerBlock):
+            module.reparameterize()
+    return model
 
 
 class QuadraBlock(MixerBlock):
     """QuadraNet's block: the spatial mixer is a quadratic depthwise k x k convolution.
 
-    `memory_efficient=True` runs each residual branch as one op that keeps only the
-    branch input and LayerNorm statistics (plus fc1's output in the MLP) for backward,
-    recomputing the rest with hand-derived gradients (`quadranet.nn.fused`).
-    `memory_efficient="balanced"` also keeps the quadratic conv's branches a and b (2 C per
-    pixel), so backward recomputes only the LayerNorms and the GELU.
+    The layer scale gamma1 is applied inside the quadratic conv op (folded into its
+    branches a and c), so the spatial branch is one LayerNorm and one op.
     """
 
     def __init__(
@@ -206,53 +168,16 @@ class QuadraBlock(MixerBlock):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         layer_scale_init: float | None = 1e-6,
-        memory_efficient: bool | str = False,
+        recompute: Recompute | str = DEFAULT_RECOMPUTE,
     ) -> None:
         check_kernel_size(kernel_size)
-        check_memory_efficient(memory_efficient)
         mixer = QuadraticConv2d(dim, dim, kernel_size, groups=dim)
-        super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init, memory_efficient)
-        self.memory_efficient = memory_efficient
-
-    def _folded_mixer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The mixer's weight and bias with gamma1 folded in (inference)."""
-        return fold_layer_scale(self.mixer.weight, self.mixer.bias, self.gamma1)
-
-    def spatial_residual(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mixer
-        drop_path_off = not self.training or isinstance(self.drop_path, nn.Identity)
-        if torch.is_grad_enabled() and self.memory_efficient and drop_path_off:
-            return self._mixer_op(x, residual=True)  # the residual added in the conv's pass
-        if torch.is_grad_enabled() or self.gamma1 is None or not drop_path_off:
-            return super().spatial_residual(x)
-        # inference: gamma folded into the weights and the residual added in the conv's pass
-        weight, bias = self._folded_mixer()
-        conv_args = (m.stride, m.padding, m.dilation)
-        return quadratic_product(self.norm1(x), weight, bias, conv_args, residual=x)
+        super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init, recompute)
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and self.gamma1 is not None:
-            m = self.mixer
-            weight, bias = self._folded_mixer()
-            n = self.norm1(x)
-            return quadratic_conv2d(n, weight, bias, m.stride, m.padding, m.dilation, m.groups)
-        if not (self.memory_efficient and torch.is_grad_enabled()):
-            return super().spatial(x)
-        return self._mixer_op(x, residual=False)
-
-    def _mixer_op(self, x: torch.Tensor, residual: bool) -> torch.Tensor:
-        """The memory-efficient spatial branch as one op (plus x when `residual`)."""
-        return quadratic_mixer(
-            x,
-            self.norm1.weight,
-            self.norm1.bias,
-            self.mixer.weight,
-            self.mixer.bias,
-            self.gamma1,
-            self.norm1.eps,
-            self.mixer.padding[0],
-            keep_branches=self.memory_efficient == "balanced",
-            residual=residual,
+        m = self.mixer
+        return quadratic_dwconv(
+            self.norm1(x), m.weight, m.bias, self.gamma1, None, m.stride, m.padding, m.dilation
         )
 
 

@@ -6,9 +6,9 @@ quadratic conv appears as three depthwise (grouped) Conv nodes, one Mul and one 
 fails (a model torch.export cannot trace), the TorchScript exporter (`dynamo=False`,
 opset at most 20) is tried instead; `ExportResult.exporter` says which one wrote the file.
 
-The model is exported in eval mode under `torch.no_grad()` with the C++ CPU kernels of
-`quadranet.nn.ext` turned off, where QuadraNet's layers take their plain PyTorch path (no
-custom autograd Function, no custom op), so the graph holds only standard ONNX ops.
+The model is exported in eval mode under `torch.no_grad()` with the kernels off
+(`quadranet.ops.kernels("off")`): the quadratic conv then runs its ATen reference instead
+of the custom operator, so the graph holds only standard ONNX ops.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from quadranet import ops
 from quadranet.data import DataError, build_dataset, dataset_info
 from quadranet.engine.config import TrainConfig
 from quadranet.engine.train import (
@@ -34,7 +35,6 @@ from quadranet.engine.train import (
     load_eval_weights,
     resolve_eval_checkpoint,
 )
-from quadranet.nn import ext
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "output"
@@ -222,7 +222,7 @@ def _short(err: Exception, lines: int = 3) -> str:
 @contextlib.contextmanager
 def _tracing():
     """No grad, no C++ CPU kernels (exporters see only standard ops), no progress prints."""
-    with torch.no_grad(), ext.cpu_kernels(False), contextlib.redirect_stdout(io.StringIO()):
+    with torch.no_grad(), ops.kernels("off"), contextlib.redirect_stdout(io.StringIO()):
         with warnings.catch_warnings():
             # the TorchScript tracer warns about every Python check on a traced size
             warnings.simplefilter("ignore", torch.jit.TracerWarning)

@@ -56,14 +56,14 @@ ROWS: dict[str, tuple[str, BlockFactory]] = {
         lambda dim, i, img: SwinBlock(dim, shift=i % 2 == 1, input_resolution=img),
     ),
     "hor": ("HorBlock (order 3)", lambda dim, i, img: HorBlock(dim, order=3)),
-    "quadra": ("QuadraBlock", lambda dim, i, img: QuadraBlock(dim)),
-    "quadra-me": (
-        "QuadraBlock (memory-efficient)",
-        lambda dim, i, img: QuadraBlock(dim, memory_efficient=True),
+    "quadra-none": (
+        "QuadraBlock (recompute none)",
+        lambda dim, i, img: QuadraBlock(dim, recompute="none"),
     ),
-    "quadra-bal": (
-        "QuadraBlock (memory-efficient, balanced)",
-        lambda dim, i, img: QuadraBlock(dim, memory_efficient="balanced"),
+    "quadra": ("QuadraBlock (recompute cheap, default)", lambda dim, i, img: QuadraBlock(dim)),
+    "quadra-full": (
+        "QuadraBlock (recompute full)",
+        lambda dim, i, img: QuadraBlock(dim, recompute="full"),
     ),
 }
 REFERENCES = ("conv", "hor")  # ratio columns: relative to ConvBlock and to HorBlock

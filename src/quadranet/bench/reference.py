@@ -3,10 +3,8 @@
 Same architecture and parameter count as `quadranet36_t`, but written as research code
 usually writes it: the quadratic depthwise conv is three separate `nn.Conv2d` (a, b, c)
 combined as a * b + c under plain autograd, the channels-first LayerNorms (block
-norm1, stem, downsamples) are computed element-wise instead of by the fused kernel, the
-stem and downsamples are plain strided `nn.Conv2d` (not the matrix-product form), and
-the channel MLP is plain modules (LayerNorm, Linear, GELU, Linear, times gamma) in
-training and inference alike, without QuadraNet's inference folding and kernels.
+norm1, stem, downsamples) are computed element-wise instead of by the library kernel,
+and every branch keeps all its intermediates for backward (no recomputation).
 It is a benchmark baseline, not a model of the family, so it is not registered with timm.
 """
 
@@ -17,10 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from quadranet.blocks import LN_EPS, ChannelMlp, MixerBlock, check_kernel_size
+from quadranet.blocks import LN_EPS, MixerBlock, check_kernel_size
 from quadranet.models.quadranet import DEPTHS, WIDTHS, QuadraNet
 from quadranet.nn import LayerNorm2d, QuadraticConv2d
-from quadranet.nn.patch import PatchConv2d
 
 REFERENCE_NAME = "reference"
 
@@ -63,18 +60,6 @@ class UnfusedQuadraticDWConv2d(nn.Module):
         return self.a(x) * self.b(x) + self.c(x)
 
 
-class PlainChannelMlp(ChannelMlp):
-    """ChannelMlp's parameters with the plain forward: gamma * fc2(GELU(fc1(LN(x))))."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc2(self.act(self.fc1(self.norm(x))))
-        return y if self.gamma is None else y * self.gamma
-
-    def fused_residual(self, x: torch.Tensor) -> None:
-        """Never fused: the reference keeps the plain modules."""
-        return None
-
-
 class ReferenceQuadraBlock(MixerBlock):
     """QuadraBlock with the unfused quadratic conv and an element-wise norm1."""
 
@@ -89,35 +74,22 @@ class ReferenceQuadraBlock(MixerBlock):
         mixer = UnfusedQuadraticDWConv2d(dim, kernel_size)
         super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init)
         self.norm1 = ElementwiseLayerNorm2d(dim)
-        self.mlp = PlainChannelMlp(dim, mlp_ratio, layer_scale_init)
 
 
-def _plain_stem_and_downsamples(model: QuadraNet) -> None:
-    """Element-wise LayerNorms and plain strided convs in the stem and the downsamples."""
+def _elementwise_norms(model: QuadraNet) -> None:
+    """Element-wise LayerNorms in the stem and the downsamples."""
 
-    def swap(parent: nn.Sequential, norm: int, conv: int) -> None:
-        old = parent[norm]
+    def swap(parent: nn.Sequential, index: int) -> None:
+        old = parent[index]
         assert isinstance(old, LayerNorm2d), f"expected a LayerNorm2d, found {type(old)}"
-        parent[norm] = ElementwiseLayerNorm2d(
+        parent[index] = ElementwiseLayerNorm2d(
             old.weight.shape[0], old.eps, device=old.weight.device, dtype=old.weight.dtype
         )
-        old = parent[conv]
-        assert isinstance(old, PatchConv2d), f"expected a PatchConv2d, found {type(old)}"
-        plain = nn.Conv2d(
-            old.in_channels,
-            old.out_channels,
-            old.kernel_size,
-            old.stride,
-            device=old.weight.device,
-            dtype=old.weight.dtype,
-        )
-        plain.load_state_dict(old.state_dict())
-        parent[conv] = plain
 
-    swap(model.stem, 1, 0)
+    swap(model.stem, 1)
     for stage in model.stages:
         if isinstance(stage.downsample, nn.Sequential):
-            swap(stage.downsample, 0, 1)
+            swap(stage.downsample, 0)
 
 
 def create_reference_model(**kwargs: Any) -> QuadraNet:
@@ -126,7 +98,7 @@ def create_reference_model(**kwargs: Any) -> QuadraNet:
     args: dict[str, Any] = dict(depths=DEPTHS["36"], dims=(width, 2 * width, 4 * width, 8 * width))
     args.update(kwargs)
     model = QuadraNet(block=ReferenceQuadraBlock, **args)
-    _plain_stem_and_downsamples(model)
+    _elementwise_norms(model)
     return model
 
 

@@ -16,10 +16,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import NormMlpClassifierHead
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from quadranet.blocks import LN_EPS, get_block
 from quadranet.nn import LayerNorm2d, QuadraticConv2d, QuadraticLinear
-from quadranet.nn.patch import PatchConv2d
 
 NUM_DOWNSAMPLES = 3  # stride-2 downsamples before stages 2, 3 and 4
 
@@ -50,7 +50,7 @@ class QuadraStage(nn.Module):
         self.grad_checkpointing = False
         if downsample:
             self.downsample = nn.Sequential(
-                LayerNorm2d(in_dim, eps=LN_EPS), PatchConv2d(in_dim, out_dim, 2)
+                LayerNorm2d(in_dim, eps=LN_EPS), nn.Conv2d(in_dim, out_dim, 2, stride=2)
             )
         else:
             self.downsample = nn.Identity()
@@ -77,8 +77,8 @@ class QuadraNet(nn.Module):
         kernel_size: spatial kernel of the blocks (None: the block's default, 7).
         mlp_ratio: channel-MLP expansion.
         layer_scale_init: initial layer scale (None: the block's default, 1e-6).
-        memory_efficient: QuadraBlock branches recompute cheap parts in backward instead of
-            keeping them: False, True (least memory) or "balanced" (the family's default).
+        recompute: what each block branch keeps for backward: "none", "cheap" (the
+            QuadraBlock default: norms and activations recomputed) or "full".
         stage_block_kwargs: extra block arguments per stage (e.g. HorNet's orders).
         stem_stride: 4 (the paper's 4x4 patchify stem), 2, or 1 for 28-32 px images.
         global_pool: 'avg', 'max', ... or '' for no pooling.
@@ -97,7 +97,7 @@ class QuadraNet(nn.Module):
         kernel_size: int | None = None,
         mlp_ratio: float = 4.0,
         layer_scale_init: float | None = None,
-        memory_efficient: bool | str | None = None,
+        recompute: str | None = None,
         stage_block_kwargs: Sequence[Mapping[str, Any]] | None = None,
         stem_stride: int = 4,
         global_pool: str = "avg",
@@ -121,7 +121,7 @@ class QuadraNet(nn.Module):
             kernel_size=kernel_size,
             mlp_ratio=mlp_ratio,
             layer_scale_init=layer_scale_init,
-            memory_efficient=memory_efficient,
+            recompute=recompute,
         )
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -132,7 +132,7 @@ class QuadraNet(nn.Module):
         if stem_stride == 1:
             stem_conv = nn.Conv2d(in_chans, dims[0], 3, padding=1)
         else:  # patchify: kernel = stride
-            stem_conv = PatchConv2d(in_chans, dims[0], stem_stride)
+            stem_conv = nn.Conv2d(in_chans, dims[0], stem_stride, stride=stem_stride)
         self.stem = nn.Sequential(stem_conv, LayerNorm2d(dims[0], eps=LN_EPS))
         total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
@@ -211,6 +211,13 @@ class QuadraNet(nn.Module):
                 f"{len(self.stages) - 1} downsamples){hint}"
             )
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError(
+            f"{self._name()} does not support TorchScript (its quadratic conv is a custom "
+            "operator with a Python body); use torch.export, torch.compile or "
+            "`quadranet export` (ONNX) instead"
+        )
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise learning-rate decay (timm convention)."""
@@ -238,7 +245,8 @@ class QuadraNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The unpooled feature map of the last stage, (N, dims[-1], H', W')."""
-        self._check_input(x)
+        if not is_fx_symbolic_tracing():  # shapes are symbolic while FX traces
+            self._check_input(x)
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -298,11 +306,6 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> QuadraNet:
 def _family(variant: str, family: str, size: str, block: str, **kwargs: Any) -> QuadraNet:
     c = WIDTHS[size]
     args = dict(depths=DEPTHS[family], dims=(c, 2 * c, 4 * c, 8 * c), block=block)
-    if block == "quadra":
-        # Balanced memory-efficient branches by default (exact gradients): about half the
-        # saved activation bytes of plain autograd for quadranet36_t and faster training
-        # on CPU; True saves 2 C per pixel and block more, for about 3% more step time.
-        args["memory_efficient"] = "balanced"
     return _create(variant, kwargs.pop("pretrained", False), **{**args, **kwargs})
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from quadranet.blocks import QuadraBlock, check_kernel_size
 from quadranet.models.quadranet import QuadraNet, _cfg
+from quadranet.nn.recompute import DEFAULT_RECOMPUTE
 
 ARCH_FORMAT = "quadranet-nas-arch/1"
 SPACES = ("quadra", "mbconv")
@@ -102,7 +103,7 @@ def make_block(
     name: str,
     dim: int,
     drop_path: float = 0.0,
-    memory_efficient: bool = True,
+    recompute: str = DEFAULT_RECOMPUTE,
     layer_scale_init: float | None = 1e-6,
 ) -> nn.Module | None:
     """The module a block name stands for at width `dim` (None for identity).
@@ -119,7 +120,7 @@ def make_block(
             mlp_ratio=float(choice.expansion),
             drop_path=drop_path,
             layer_scale_init=layer_scale_init,
-            memory_efficient=memory_efficient,
+            recompute=recompute,
         )
     return MBConvBlock(dim, choice.kernel_size, choice.expansion, drop_path)
 
@@ -244,7 +245,7 @@ class QuadraNetNAS(QuadraNet):
         arch: the architecture (Arch, dict or JSON path).
         in_chans, num_classes, global_pool, drop_rate, drop_path_rate, head_init_scale:
             as in QuadraNet.
-        memory_efficient: QuadraBlocks keep only their inputs for backward.
+        recompute: what QuadraBlocks keep for backward (`quadranet.nn.recompute`).
         layer_scale_init: QuadraBlocks' initial residual scale (the paper's 1e-6).
     """
 
@@ -257,7 +258,7 @@ class QuadraNetNAS(QuadraNet):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         head_init_scale: float = 1.0,
-        memory_efficient: bool = True,
+        recompute: str = DEFAULT_RECOMPUTE,
         layer_scale_init: float | None = 1e-6,
     ) -> None:
         arch = load_arch(arch)
@@ -276,7 +277,7 @@ class QuadraNetNAS(QuadraNet):
         rates = iter(drop_path_rate * i / max(total - 1, 1) for i in range(total))
         for stage, names, dim in zip(self.stages, arch.stages, arch.dims):
             blocks = [
-                make_block(name, dim, next(rates), memory_efficient, layer_scale_init)
+                make_block(name, dim, next(rates), recompute, layer_scale_init)
                 for name in names
                 if name != IDENTITY
             ]

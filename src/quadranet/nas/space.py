@@ -29,6 +29,7 @@ from torch import nn
 
 from quadranet.models.quadranet import QuadraNet
 from quadranet.models.quadranet_nas import IDENTITY, SPACES, Arch, make_block, parse_block
+from quadranet.nn.recompute import DEFAULT_RECOMPUTE
 
 MODES = ("sample", "one_path", "two_path", "argmax")
 DEFAULT_KERNELS = (3, 5, 7)
@@ -157,13 +158,13 @@ class MixedOp(nn.Module):
         self,
         choices: Sequence[str],
         dim: int,
-        memory_efficient: bool = True,
+        recompute: str = DEFAULT_RECOMPUTE,
         layer_scale_init: float | None = 1e-6,
     ) -> None:
         super().__init__()
         self.choices = tuple(choices)
         self.candidates = nn.ModuleList(
-            make_block(name, dim, 0.0, memory_efficient, layer_scale_init) or nn.Identity()
+            make_block(name, dim, 0.0, recompute, layer_scale_init) or nn.Identity()
             for name in self.choices
         )
         self.alpha = nn.Parameter(torch.zeros(len(self.choices)))
@@ -221,7 +222,7 @@ class Supernet(QuadraNet):
         self,
         space: SearchSpace,
         drop_rate: float = 0.0,
-        memory_efficient: bool = True,
+        recompute: str = DEFAULT_RECOMPUTE,
         layer_scale_init: float | None = 1e-6,
     ) -> None:
         super().__init__(
@@ -236,7 +237,7 @@ class Supernet(QuadraNet):
         for stage, dim, depth in zip(self.stages, space.dims, space.max_depths):
             stage.blocks = nn.Sequential(
                 *(
-                    MixedOp(space.choices(pos), dim, memory_efficient, layer_scale_init)
+                    MixedOp(space.choices(pos), dim, recompute, layer_scale_init)
                     for pos in range(depth)
                 )
             )

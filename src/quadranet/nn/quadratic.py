@@ -1,7 +1,8 @@
 """Quadratic neurons: y = (A x + ba) * (B x + bb) + (C x + bc).
 
 The three linear maps A, B, C are stored as ONE weight of 3x the output size, so one
-matmul (or one grouped convolution) computes all three branches in a single pass over x.
+matmul (or one grouped convolution) computes all three branches in a single pass over x;
+the depthwise convolution runs the kernels behind `quadranet.ops`.
 Layout of the fused weight: for each group g, the rows are [A_g; B_g; C_g], i.e. the
 weight is a view of shape (groups, 3, out // groups, ...). With groups = 1 this is
 simply [A; B; C]; for a depthwise conv it interleaves the branches per channel.
@@ -14,48 +15,20 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
+from torch.utils.checkpoint import checkpoint
 
-from quadranet.nn.depthwise import depthwise_quadratic_conv2d
+from quadranet.nn.recompute import DEFAULT_RECOMPUTE, Recompute
+from quadranet.ops import quadratic_dwconv
 
 InitMode = Literal["default", "adapter"]
 INIT_STD = 0.02
 
 
-def _split_branches(y3: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
-    """Views (a, b, c) of a fused 3x-channel output, each of shape (N, groups, out/groups, ...)."""
-    n, c3 = y3.shape[:2]
-    y = y3.view(n, groups, 3, c3 // (3 * groups), *y3.shape[2:])
-    return y.unbind(2)
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)
-
-
 def _combine(y3: torch.Tensor, groups: int) -> torch.Tensor:
-    """a * b + c over the branches of a fused output (one fused multiply-add).
-
-    The result keeps y3's memory format (channels-last stays channels-last).
-    """
-    if _is_channels_last(y3):  # work on the NHWC view, whose memory order is dense
-        a, b, c = y3.permute(0, 2, 3, 1).unflatten(-1, (groups, 3, -1)).unbind(-2)
-        return torch.addcmul(c, a, b).flatten(-2).permute(0, 3, 1, 2)
-    a, b, c = _split_branches(y3, groups)
+    """a * b + c over the branches of a fused (N, 3 * out, ...) output, per group."""
+    a, b, c = y3.unflatten(1, (groups, 3, -1)).unbind(2)
     return torch.addcmul(c, a, b).flatten(1, 2)
-
-
-def _branch_grads(y3: torch.Tensor, grad: torch.Tensor, groups: int) -> torch.Tensor:
-    """Gradient w.r.t. the fused output: (g * b, g * a, g), laid out like y3."""
-    a, b, _ = _split_branches(y3, groups)
-    g = grad.reshape(a.shape)
-    grad_y3 = torch.empty_like(y3)
-    ga, gb, gc = _split_branches(grad_y3, groups)
-    torch.mul(g, b, out=ga)
-    torch.mul(g, a, out=gb)
-    gc.copy_(g)
-    return grad_y3
 
 
 def quadratic_linear(
@@ -66,40 +39,8 @@ def quadratic_linear(
     return torch.addcmul(c, a, b)
 
 
-class _QuadraticConv2dFn(torch.autograd.Function):
-    """Quadratic conv that saves only x (and the weights) and recomputes a, b in backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):  # noqa: D102
-        y3 = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, weight, bias)
-        ctx.conv_args = (stride, padding, dilation, groups)
-        return _combine(y3, groups)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):  # noqa: D102
-        x, weight, bias = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv_args
-        with torch.no_grad():
-            y3 = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-            # dL/da = g * b, dL/db = g * a, dL/dc = g, laid out like the fused output.
-            grad_y3 = _branch_grads(y3, grad_out, groups)
-            del y3
-            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_y3,
-                x,
-                weight,
-                None if bias is None else [bias.shape[0]],
-                _pair(stride),
-                _pair(padding),
-                _pair(dilation),
-                False,
-                [0, 0],
-                groups,
-                [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None],
-            )
-        return grad_x, grad_w, grad_b, None, None, None, None
+def _plain_conv(x, weight, bias, stride, padding, dilation, groups):  # noqa: ANN001, ANN202
+    return _combine(F.conv2d(x, weight, bias, stride, padding, dilation, groups), groups)
 
 
 def quadratic_conv2d(
@@ -110,21 +51,22 @@ def quadratic_conv2d(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
-    memory_efficient: bool = False,
+    recompute: Recompute | str = DEFAULT_RECOMPUTE,
 ) -> torch.Tensor:
     """Quadratic convolution with a fused weight of shape (3 * out, in / groups, kh, kw).
 
-    With `memory_efficient=True` a custom autograd Function keeps only x (and the
-    weights) for backward and recomputes the two product branches from x. The
-    depthwise case runs the fast kernels of `quadranet.nn.depthwise`.
+    The depthwise case (groups = in = out) runs `quadranet.ops.quadratic_dwconv` (kernels
+    where they apply). `recompute="full"` keeps only x (and the weights) for backward and
+    recomputes the branches there; "none" and "cheap" keep the branches.
     """
-    if groups == x.shape[1] == weight.shape[0] // 3 and weight.shape[1] == 1:
-        return depthwise_quadratic_conv2d(
-            x, weight, bias, stride, padding, dilation, memory_efficient
+    full = Recompute.parse(recompute) is Recompute.FULL
+    if groups == weight.shape[0] // 3 and weight.shape[1] == 1:
+        return quadratic_dwconv(x, weight, bias, None, None, stride, padding, dilation, not full)
+    if full and torch.is_grad_enabled():
+        return checkpoint(
+            _plain_conv, x, weight, bias, stride, padding, dilation, groups, use_reentrant=False
         )
-    if memory_efficient and torch.is_grad_enabled():
-        return _QuadraticConv2dFn.apply(x, weight, bias, stride, padding, dilation, groups)
-    return _combine(F.conv2d(x, weight, bias, stride, padding, dilation, groups), groups)
+    return _plain_conv(x, weight, bias, stride, padding, dilation, groups)
 
 
 def _init_branches(
@@ -236,7 +178,8 @@ class QuadraticConv2d(nn.Module):
     Args:
         in_channels, out_channels, kernel_size, stride, dilation, groups, bias: as nn.Conv2d.
         padding: as nn.Conv2d; None keeps the map size for odd kernels (k // 2).
-        memory_efficient: keep only x for backward and recompute the product branches.
+        recompute: "full" keeps only x for backward and recomputes the branches there;
+            "none" and "cheap" (the default) keep them.
         init: "default" or "adapter" (Wa = 0, Wc = `linear_weight` when given).
     """
 
@@ -250,7 +193,7 @@ class QuadraticConv2d(nn.Module):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
-        memory_efficient: bool = False,
+        recompute: Recompute | str = DEFAULT_RECOMPUTE,
         init: InitMode = "default",
         linear_weight: torch.Tensor | None = None,
         linear_bias: torch.Tensor | None = None,
@@ -278,7 +221,7 @@ class QuadraticConv2d(nn.Module):
         self.padding = _pair(padding)
         self.dilation = _pair(dilation)
         self.groups = groups
-        self.memory_efficient = memory_efficient
+        self.recompute = Recompute.parse(recompute)
         self.init = init
         self.weight = nn.Parameter(
             torch.empty(3 * out_channels, in_channels // groups, *kernel_size)
@@ -287,7 +230,9 @@ class QuadraticConv2d(nn.Module):
         self.reset_parameters(init, linear_weight, linear_bias)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, memory_efficient: bool = False) -> QuadraticConv2d:
+    def from_conv(
+        cls, conv: nn.Conv2d, recompute: Recompute | str = DEFAULT_RECOMPUTE
+    ) -> QuadraticConv2d:
         """A quadratic conv computing exactly `conv` (Wc = its weights, Wa = 0, Wb random)."""
         if isinstance(conv.padding, str):
             raise ValueError(f"from_conv needs numeric padding, got padding={conv.padding!r}")
@@ -300,7 +245,7 @@ class QuadraticConv2d(nn.Module):
             dilation=conv.dilation,
             groups=conv.groups,
             bias=conv.bias is not None,
-            memory_efficient=memory_efficient,
+            recompute=recompute,
             init="adapter",
             linear_weight=conv.weight.detach(),
             linear_bias=None if conv.bias is None else conv.bias.detach(),
@@ -323,7 +268,18 @@ class QuadraticConv2d(nn.Module):
         )
         return tuple(t.reshape(self.out_channels, *self.weight.shape[1:]) for t in w.unbind(1))
 
+    @property
+    def depthwise(self) -> bool:
+        """One input channel per group and as many outputs: QuadraNet's spatial mixing."""
+        return self.groups == self.in_channels == self.out_channels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.depthwise:  # decided on the module, so FX tracing sees no tensor test
+            keep = self.recompute is not Recompute.FULL
+            return quadratic_dwconv(
+                x, self.weight, self.bias, None, None, self.stride, self.padding, self.dilation,
+                keep,
+            )  # fmt: skip
         return quadratic_conv2d(
             x,
             self.weight,
@@ -332,7 +288,7 @@ class QuadraticConv2d(nn.Module):
             self.padding,
             self.dilation,
             self.groups,
-            self.memory_efficient,
+            self.recompute,
         )
 
     def extra_repr(self) -> str:
@@ -346,8 +302,8 @@ class QuadraticConv2d(nn.Module):
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
-        if self.memory_efficient:
-            s += ", memory_efficient=True"
+        if self.recompute is not DEFAULT_RECOMPUTE:
+            s += f", recompute={self.recompute.value}"
         if self.init != "default":
             s += f", init={self.init}"
         return s

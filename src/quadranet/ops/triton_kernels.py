@@ -1,7 +1,8 @@
 """Triton kernels of the depthwise quadratic conv (CUDA), with the C++ CPU ops' interface.
 
 `quadratic_forward` and `quadratic_backward` take and return what the CPU ops of
-`quadranet.nn.ext` do, so `quadranet.nn.depthwise` dispatches to either. Inputs are
+`quadranet.ops.cpu` do, so `quadranet.ops.library` calls either. Launches go through
+`torch.library.wrap_triton`, so under `torch.compile` inductor sees the kernels. Inputs are
 channels-last (NHWC memory) float32, bfloat16 or float16 maps; the fused weight is
 (3C, 1, k, k) with channel 3c + branch, odd k, stride 1, 'same' padding. Sums run in
 float32; outputs keep x's dtype, weight and bias gradients the weight's.
@@ -25,6 +26,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 TILE_H = 8  # rows of pixels per program
 TILE_W = 8  # columns of pixels per program (pass 1 loops over a band's tiles)
@@ -238,7 +240,7 @@ def quadratic_forward(
         w, b = weight.detach().contiguous(), None if bias is None else bias.detach()
         dummy = outs[wanted.index(True)]  # never touched where its flag is off
         with _on(x):
-            _forward_kernel[grid](
+            wrap_triton(_forward_kernel)[grid](
                 x, w, w if b is None else b, dummy if residual is None else residual,
                 *(dummy if t is None else t for t in outs),
                 x.shape[2], x.shape[3], x.shape[1], tiles_w,
@@ -276,7 +278,7 @@ def quadratic_backward(
         grid, tiles_w = _grid(x)
         dummy = x  # never touched where its flag is off
         with _on(x):
-            _backward_sums_kernel[(bands, grid[1])](
+            wrap_triton(_backward_sums_kernel)[(bands, grid[1])](
                 x, a, b, grad,
                 dummy if ga is None else ga, dummy if gb is None else gb,
                 dummy if dw_parts is None else dw_parts, dummy if db_parts is None else db_parts,
@@ -285,7 +287,7 @@ def quadratic_backward(
             )  # fmt: skip
             if need_dx:
                 dx = _like(x)
-                _backward_input_kernel[grid](
+                wrap_triton(_backward_input_kernel)[grid](
                     ga, gb, grad, weight.detach().contiguous(), dx, h, w_, c, tiles_w,
                     K=k, TH=TILE_H, TW=TILE_W, BC=BLOCK_C,
                 )  # fmt: skip

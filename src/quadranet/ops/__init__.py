@@ -1,0 +1,119 @@
+"""Kernel boundary: the depthwise quadratic conv and the choice of its backend.
+
+`quadratic_dwconv` is the one entry point the layers call. It runs the custom operator
+`torch.ops.quadranet.quadratic_dwconv` (`quadranet.ops.library`), whose backend (C++ on
+CPU, Triton on CUDA, or the ATen reference) `quadranet.ops.policy.choose` picks; with
+`QUADRANET_KERNELS=off` (or `kernels("off")`) it runs the reference with plain autograd,
+so traced graphs hold only standard ATen ops. `explain(model, x)` says which backend each
+layer uses and why.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from quadranet.ops import library, reference
+from quadranet.ops.policy import Choice, KernelError, choose, kernels, mode
+
+__all__ = [
+    "Choice",
+    "Explanation",
+    "KernelError",
+    "choose",
+    "explain",
+    "kernels",
+    "library",
+    "mode",
+    "quadratic_dwconv",
+]
+
+_recording = threading.local()
+
+
+def quadratic_dwconv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gamma: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | None = None,
+    dilation: int | tuple[int, int] = 1,
+    keep_branches: bool = True,
+) -> torch.Tensor:
+    """gamma * ((Wa * x + ba) * (Wb * x + bb) + Wc * x + bc) (+ residual), depthwise.
+
+    `weight` is the fused (3C, 1, kh, kw) tensor (channel 3c + branch), `bias` the fused
+    (3C) bias, `gamma` an optional (C) layer scale; padding None keeps the map size.
+    `keep_branches=False` keeps only x for backward and recomputes the branches there.
+    The op runs in x's dtype (weights may stay float32).
+    """
+    stride, dilation = _pair(stride), _pair(dilation)
+    if padding is None:
+        kh, kw = weight.shape[-2:]
+        padding = (dilation[0] * (kh - 1) // 2, dilation[1] * (kw - 1) // 2)
+    padding = _pair(padding)
+    log = getattr(_recording, "log", None)
+    if log is not None:
+        log.append(
+            (f"{tuple(x.shape)} {str(x.dtype)[6:]}", choose(x, weight, stride, padding, dilation))
+        )
+    if mode() == "off":
+        return reference.forward(x, weight, bias, gamma, residual, stride, padding, dilation)[0]
+    keep = keep_branches and torch.is_grad_enabled()
+    y, _, _ = torch.ops.quadranet.quadratic_dwconv(
+        x, weight, bias, gamma, residual, stride, padding, dilation, keep
+    )
+    return y
+
+
+@dataclass
+class Explanation:
+    """Which backend each depthwise quadratic conv of a model uses, in call order."""
+
+    rows: list[tuple[str, str, str, str]]  # (module, input, backend, reason)
+
+    def backends(self) -> dict[str, str]:
+        """Module name -> backend."""
+        return {name: backend for name, _, backend, _ in self.rows}
+
+    def __str__(self) -> str:
+        lines = ["| module | input | backend | why |", "|---|---|---|---|"]
+        lines += [f"| {m} | {i} | {b} | {r} |" for m, i, b, r in self.rows]
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module, x: torch.Tensor) -> Explanation:
+    """Run `model(x)` once without gradients and report each quadratic conv's backend."""
+    names = {module: name for name, module in model.named_modules()}
+    stack: list[str] = []
+
+    class Log(list):
+        def append(self, entry: tuple[str, Choice]) -> None:
+            shape, choice = entry
+            super().append((stack[-1] if stack else "", shape, choice.backend, choice.reason))
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        stack.append(names.get(module) or type(module).__name__)
+
+    def leave(module: nn.Module, args: tuple, out: object) -> None:
+        stack.pop()
+
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    log = _recording.log = Log()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        _recording.log = None
+        for handle in handles:
+            handle.remove()
+    return Explanation(list(log))

@@ -1,0 +1,133 @@
+"""The C++ CPU backend: `csrc/quadratic_dwconv_cpu.cpp`, compiled on first use.
+
+The source is built with `torch.utils.cpp_extension.load` (needs a C++ compiler and ninja)
+into a cache folder keyed by the source, the flags, torch (version and install folder) and
+Python, so a stale build is never reused and two virtual environments do not rebuild over
+each other's module. Flags are portable: `-O3 -fopenmp`, plus `-mavx2 -mfma` on x86 CPUs
+that have both; `QUADRANET_NATIVE=1` builds with `-march=native` instead. A failed build
+is remembered in its cache folder (`FAILED`), so later processes do not retry it; delete
+that folder to try again. The cache lives in `$QUADRANET_CACHE/cpu_kernels` (default
+`~/.cache/quadranet/cpu_kernels`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+CACHE_ENV_VAR = "QUADRANET_CACHE"
+NATIVE_ENV_VAR = "QUADRANET_NATIVE"
+SOURCE = Path(__file__).with_name("csrc") / "quadratic_dwconv_cpu.cpp"
+FAILED = "FAILED"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ops" (the loaded ops) or "error" (why there are none)
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags (Linux), else an empty set."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cflags() -> list[str]:
+    """Compiler flags of the build: portable unless QUADRANET_NATIVE=1."""
+    flags = ["-O3", "-fopenmp"]
+    if os.environ.get(NATIVE_ENV_VAR, "") == "1":
+        return [*flags, "-march=native"]
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def build_key() -> str:
+    """Hash of everything the compiled module depends on."""
+    parts = [SOURCE.read_bytes().decode(), torch.__version__, sys.version, " ".join(cflags())]
+    parts.append(str(Path(torch.__file__).resolve().parent))  # linked by absolute path
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Folder of this build (source, flags, torch and Python in its name)."""
+    if os.environ.get(CACHE_ENV_VAR):
+        base = Path(os.environ[CACHE_ENV_VAR])
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quadranet"
+    return base / "cpu_kernels" / build_key()
+
+
+def _build() -> object:
+    # cpp_extension logs a CUDA_HOME warning on CUDA builds without a GPU; irrelevant here.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=f"quadranet_cpu_{folder.name}",
+        sources=[str(SOURCE)],
+        extra_cflags=cflags(),
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(folder),
+        is_python_module=False,
+        verbose=False,
+    )
+    _register_fakes()
+    return torch.ops.quadranet_cpu
+
+
+def _register_fakes() -> None:
+    """Meta implementations of the C++ ops, so torch.compile and export can trace them."""
+
+    def like(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x, memory_format=torch.channels_last)
+
+    @torch.library.register_fake("quadranet_cpu::quadratic_forward")
+    def _forward(x, weight, bias, want_y, want_a, want_b, want_c, residual=None):  # noqa: ANN001
+        return [like(x) for want in (want_y, want_a, want_b, want_c) if want]
+
+    @torch.library.register_fake("quadranet_cpu::quadratic_backward")
+    def _backward(x, weight, a, b, grad, need_dx, need_dw, need_db):  # noqa: ANN001
+        outs = [like(x)] if need_dx else []
+        outs += [torch.empty_like(weight)] if need_dw else []
+        return outs + ([weight.new_empty(weight.shape[0])] if need_db else [])
+
+
+def load() -> tuple[object | None, str]:
+    """(the compiled ops or None, why there are none); builds once per process."""
+    if not _state:
+        with _lock:
+            if not _state:
+                _state.update(_load_or_remember())
+    return _state.get("ops"), str(_state.get("error", ""))
+
+
+def _load_or_remember() -> dict[str, object]:
+    marker = cache_dir() / FAILED
+    if marker.exists():
+        return {"error": f"{marker.read_text().strip()} (remembered in {marker}; delete it "
+                "to retry the build)"}  # fmt: skip
+    try:
+        return {"ops": _build()}
+    except Exception as err:  # no compiler, no ninja, compile error, ...
+        text = str(err).strip()
+        reason = f"the C++ build failed: {text.splitlines()[0] if text else repr(err)}"
+        with contextlib.suppress(OSError):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(reason + "\n")
+        return {"error": reason}

@@ -1,0 +1,356 @@
+"""The kernel boundary (`quadranet.ops`): custom ops against the float64 definition, the
+backend switch, `explain`, and visibility to opcheck, compile, export, FX and FLOP counters.
+
+The Triton backend has the same suite in `test_triton.py` (interpreted on CPU)."""
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+from torch.utils.flop_counter import FlopCounterMode
+
+import quadranet
+from quadranet import ops
+from quadranet.blocks import QuadraBlock
+from quadranet.ops import cpu, policy
+
+CL = torch.channels_last
+CPU_BUILT = cpu.load()[0] is not None
+
+
+def definition(x, weight, bias, gamma, residual, padding):
+    """gamma * (a * b + c) + residual by three float64 depthwise convs (the paper's formula)."""
+    c, k = x.shape[1], weight.shape[-1]
+    w = weight.double().view(c, 3, 1, k, k)
+    b = [None] * 3 if bias is None else bias.double().view(c, 3).unbind(1)
+    a, bb, cc = (F.conv2d(x.double(), w[:, i], b[i], padding=padding, groups=c) for i in range(3))
+    y = a * bb + cc
+    y = y if gamma is None else y * gamma.double().view(1, -1, 1, 1)
+    return y if residual is None else y + residual.double()
+
+
+def make_inputs(n, c, h, w, k, *, bias=True, gamma=True, residual=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen)
+    weight = torch.randn(3 * c, 1, k, k, generator=gen) / k
+    b = torch.randn(3 * c, generator=gen) if bias else None
+    g = torch.rand(c, generator=gen) + 0.5 if gamma else None
+    r = torch.randn(n, c, h, w, generator=gen) if residual else None
+    return x, weight, b, g, r
+
+
+def grads_of(fn, tensors, seed=1):
+    """Output and gradients of sum(out * random) w.r.t. every tensor that is not None."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    gen = torch.Generator().manual_seed(seed)
+    (
+        out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    ).sum().backward()
+    return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def assert_close(actual, expected, rtol=2e-5):
+    """Agreement relative to the reference's scale (sums run in another order)."""
+    scale = expected.abs().max().item() + 1e-12
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=rtol * scale)
+
+
+BACKENDS = [
+    "reference",
+    pytest.param("cpu", marks=pytest.mark.skipif(not CPU_BUILT, reason="no C++ build")),
+]
+SHAPES = [(1, 1, 1, 1, 3), (2, 5, 9, 11, 7), (1, 40, 5, 17, 3), (3, 8, 8, 8, 5), (1, 6, 4, 3, 9)]
+OPTIONS = list(itertools.product([True, False], repeat=4))  # bias, gamma, residual, keep
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias,gamma,residual,keep", OPTIONS)
+def test_op_matches_the_definition(backend, shape, bias, gamma, residual, keep):
+    """Forward and all gradients (x, weight, bias, layer scale, residual) against float64."""
+    *dims, k = shape
+    tensors = make_inputs(*dims, k, bias=bias, gamma=gamma, residual=residual)
+    tensors = [t if t is None or t.dim() < 4 else t.contiguous(memory_format=CL) for t in tensors]
+    mode = "off" if backend == "reference" else "require"
+    with ops.kernels(mode):
+
+        def run(x, w, b, g, r):
+            return ops.quadratic_dwconv(x, w, b, g, r, keep_branches=keep)
+
+        y, grads = grads_of(run, tensors)
+    y_ref, grads_ref = grads_of(lambda *t: definition(*t, k // 2), [
+        None if t is None else t.double() for t in tensors
+    ])  # fmt: skip
+    assert y.dtype == torch.float32
+    assert_close(y, y_ref)
+    for got, want in zip(grads, grads_ref):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert_close(got, want)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (1, 0, 1)])
+def test_op_gradcheck_float64(keep, stride, padding, dilation):
+    """float64 gradcheck of the custom op's autograd (the reference body, any geometry)."""
+    x, w, b, g, r = (t.double().requires_grad_() for t in make_inputs(2, 3, 6, 7, 3))
+    if stride != 1 or padding != dilation:  # the residual needs y's shape
+        r = None
+
+    def fn(x, w, b, g, r):
+        return ops.quadratic_dwconv(x, w, b, g, r, stride, padding, dilation, keep)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, g, r))
+    with ops.kernels("off"):  # the plain-autograd route too
+        assert torch.autograd.gradcheck(fn, (x, w, b, g, r))
+
+
+def test_opcheck_on_every_backend():
+    """Schema, fake tensors, autograd registration and AOT dispatch of both ops."""
+    x, w, b, g, r = make_inputs(2, 16, 9, 9, 7)
+    cases = [[t if t is None or t.dim() < 4 else t.contiguous(memory_format=CL) for t in
+              (x, w, b, g, r)]]  # fmt: skip
+    cases.append([None if t is None else t.double() for t in (x, w, b, g, r)])  # reference
+    for x, w, b, g, r in cases:
+        x.requires_grad_()
+        for keep in (True, False):
+            opcheck(
+                torch.ops.quadranet.quadratic_dwconv, (x, w, b, g, r, [1, 1], [3, 3], [1, 1], keep)
+            )
+        grad, empty = torch.randn_like(x).contiguous(memory_format=CL), x.new_empty(0)
+        args = (grad, x.detach(), w, b, g, empty, empty, [1, 1], [3, 3], [1, 1], [True] * 4)
+        opcheck(torch.ops.quadranet.quadratic_dwconv_backward, args)
+
+
+@pytest.mark.skipif(not CPU_BUILT, reason="no C++ build")
+@pytest.mark.parametrize("batch", [1, 3])  # batch 1 also splits channels among threads
+def test_cpu_kernel_is_deterministic_with_two_threads(batch):
+    x, w, b, g, _ = make_inputs(batch, 24, 20, 20, 7, residual=False)
+    x = x.contiguous(memory_format=CL)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [grads_of(lambda *t: ops.quadratic_dwconv(*t), [x, w, b, g]) for _ in range(2)]
+    finally:
+        torch.set_num_threads(previous)
+    for first, second in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(first, second)
+
+
+def test_empty_batch():
+    x, w, b, g, _ = make_inputs(0, 8, 5, 5, 3, residual=False)
+    y, grads = grads_of(
+        lambda *t: ops.quadratic_dwconv(*t), [x.contiguous(memory_format=CL), w, b, g]
+    )
+    assert y.shape == x.shape and torch.count_nonzero(grads[1]) == 0
+
+
+def test_choose_explains_each_fallback():
+    x, w, *_ = make_inputs(1, 8, 6, 6, 3)
+    cl = x.contiguous(memory_format=CL)
+    expected = "cpu" if CPU_BUILT else "reference"
+    assert ops.choose(cl, w).backend == expected
+    assert "channels-last" in ops.choose(x, w).reason
+    assert "stride 1" in ops.choose(cl, w, stride=(2, 2)).reason
+    assert "float32" in ops.choose(cl.double(), w.double()).reason
+    with ops.kernels("off"):
+        assert ops.choose(cl, w) == ("reference", "kernels off (QUADRANET_KERNELS=off)")
+    with ops.kernels("require"), pytest.raises(ops.KernelError, match="channels-last"):
+        ops.choose(x, w)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ops.kernels("sometimes").__enter__()
+
+
+def test_environment_switch_is_validated_once(monkeypatch):
+    monkeypatch.setattr(policy, "_ENV_MODE", None)
+    monkeypatch.setenv("QUADRANET_KERNELS", "off")
+    assert ops.mode() == "off"
+    monkeypatch.setenv("QUADRANET_KERNELS", "auto")
+    assert ops.mode() == "off"  # read once per process
+    monkeypatch.setattr(policy, "_ENV_MODE", None)
+    monkeypatch.setenv("QUADRANET_KERNELS", "1")
+    with pytest.raises(ValueError, match="auto .* off .* require"):
+        ops.mode()
+
+
+def test_failed_build_is_remembered(monkeypatch, tmp_path):
+    monkeypatch.setenv("QUADRANET_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(cpu, "_build", lambda: (_ for _ in ()).throw(OSError("no compiler")))
+    assert cpu.load() == (None, "the C++ build failed: no compiler")
+    marker = cpu.cache_dir() / cpu.FAILED
+    assert marker.exists()
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(cpu, "_build", lambda: pytest.fail("a remembered failure is rebuilt"))
+    ops_, why = cpu.load()
+    assert ops_ is None and "no compiler" in why and "delete it" in why
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setenv("QUADRANET_NATIVE", "1")  # other flags: another folder, built again
+    monkeypatch.setattr(cpu, "_build", lambda: "built")
+    assert cpu.load() == ("built", "") and "-march=native" in cpu.cflags()
+
+
+def test_build_flags_are_portable_by_default(monkeypatch):
+    monkeypatch.delenv("QUADRANET_NATIVE", raising=False)
+    assert not any("native" in f for f in cpu.cflags())
+
+
+def small_model(**kwargs):
+    torch.manual_seed(0)
+    args = dict(num_classes=10, layer_scale_init=0.5, **kwargs)
+    return timm.create_model("quadranet25_xxs", **args).to(memory_format=CL)
+
+
+def test_explain_names_every_block():
+    model = small_model()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
+    report = ops.explain(model, x)
+    assert len(report.rows) == sum(len(s.blocks) for s in model.stages)
+    assert set(report.backends()) == {f"stages.{i}.blocks.{j}" for i, s in enumerate(model.stages)
+                                      for j in range(len(s.blocks))}  # fmt: skip
+    assert set(report.backends().values()) == {"cpu" if CPU_BUILT else "reference"}
+    with ops.kernels("off"):
+        assert set(ops.explain(model, x).backends().values()) == {"reference"}
+    assert "| stages.0.blocks.0 |" in str(report)
+
+
+def training_step(model, x, seed=3):
+    torch.manual_seed(seed)  # the same drop-path draws
+    y = model(x)
+    y.square().sum().backward()
+    model = getattr(model, "_orig_mod", model)  # a compiled model's parameters are its own
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return y.detach(), grads
+
+
+def assert_same_step(a, b, rtol=2e-5):
+    assert_close(a[0], b[0], rtol)
+    for name in b[1]:
+        assert_close(a[1][name], b[1][name], rtol)
+
+
+@pytest.mark.parametrize("recompute", ["none", "cheap", "full"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_model_training_matches_the_reference_route(recompute, channels_last):
+    """Kernels x recompute x drop-path x layer scale x memory format: one step equals the
+    plain-autograd ATen route (kernels off, nothing recomputed)."""
+    fmt = CL if channels_last else torch.contiguous_format
+    model = small_model(recompute=recompute, drop_path_rate=0.2).to(memory_format=fmt)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=fmt)
+    with ops.kernels("off"):
+        for block in model.modules():
+            if isinstance(block, QuadraBlock):
+                block.recompute = quadranet.nn.recompute.Recompute.NONE
+        expected = training_step(model, x)
+        for block in model.modules():
+            if isinstance(block, QuadraBlock):
+                block.recompute = quadranet.nn.recompute.Recompute(recompute)
+    assert_same_step(training_step(model, x), expected)
+
+
+def test_recompute_keeps_less():
+    from quadranet.bench.measure import saved_tensor_bytes
+
+    x = torch.randn(2, 32, 16, 16).contiguous(memory_format=CL)
+    saved = {}
+    for recompute in ("none", "cheap", "full"):
+        block = QuadraBlock(32, recompute=recompute).to(memory_format=CL)
+        saved[recompute] = saved_tensor_bytes(lambda b=block: b(x), tuple(block.parameters()))
+    assert saved["full"] < saved["cheap"] < saved["none"]
+
+
+def test_reparameterize_keeps_outputs_and_removes_layer_scales():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
+    folded = quadranet.reparameterize(model)
+    assert folded is not model and model.stages[0].blocks[0].gamma1 is not None
+    assert not [n for n, _ in folded.named_parameters() if "gamma" in n]
+    with torch.no_grad():
+        assert_close(folded(x), model(x), 1e-5)
+
+
+def test_flop_counter_sees_the_kernels():
+    """FlopCounterMode with kernels on counts what the reference counts (published MACs)."""
+    for name, gmacs in (("quadranet36_t", 4.13), ("hornet_t", 3.97)):
+        model = timm.create_model(name).eval().to(memory_format=CL)
+        x = torch.randn(1, 3, 224, 224).contiguous(memory_format=CL)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+        assert round(counter.get_total_flops() / 2e9, 2) == gmacs, name
+    block = QuadraBlock(16).to(memory_format=CL)
+    x = torch.randn(1, 16, 8, 8).contiguous(memory_format=CL)
+    with FlopCounterMode(display=False) as counter:
+        block(x).sum().backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    conv = 2 * 8 * 8 * 16 * 49 * 3
+    assert counts["quadranet.quadratic_dwconv"] == conv
+    assert counts["quadranet.quadratic_dwconv_backward"] == 2 * conv
+
+
+def test_compile_fullgraph_matches_eager_with_drop_path():
+    model = small_model(drop_path_rate=0.2)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
+    expected = training_step(model, x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_same_step(training_step(compiled, x), expected)
+    model.eval()
+    with torch.no_grad():
+        assert_close(compiled(x), model(x))
+
+
+@pytest.mark.slow
+def test_inductor_compiles_a_block():
+    """Inductor smoke test (fullgraph, training and inference) in a fresh process."""
+    code = """
+import torch
+from quadranet.blocks import QuadraBlock
+torch.manual_seed(0)
+block = QuadraBlock(8, kernel_size=3, drop_path=0.1, layer_scale_init=0.5)
+block = block.to(memory_format=torch.channels_last)
+x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+compiled = torch.compile(block, fullgraph=True)
+grads = []
+for fn in (block, compiled):
+    torch.manual_seed(1)
+    fn(x).square().sum().backward()
+    grads.append([p.grad.clone() for p in block.parameters()])
+    block.zero_grad()
+for want, got in zip(*grads):
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (got - want).abs().max()
+block.eval()
+with torch.no_grad():
+    assert torch.allclose(compiled(x), block(x), rtol=1e-4, atol=1e-6)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.stdout.strip().endswith("ok"), done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_export_keeps_the_op_and_fx_traces_the_family():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
+    program = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in program.graph.nodes}
+    assert "quadranet.quadratic_dwconv.default" in targets
+    with torch.no_grad():
+        assert_close(program.module()(x), model(x))
+    traced = torch.fx.symbolic_trace(model)
+    assert any("quadranet.quadratic_dwconv" in str(n.target) for n in traced.graph.nodes)
+    with torch.no_grad():
+        assert_close(traced(x), model(x))
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    features = create_feature_extractor(model, {"stages.1": "s1", "stages.3": "s3"})(x)
+    assert features["s3"].shape == (2, 128, 2, 2)
+
+
+def test_torchscript_is_refused_clearly():
+    with pytest.raises(RuntimeError, match="does not support TorchScript.*torch.export"):
+        torch.jit.script(small_model())
