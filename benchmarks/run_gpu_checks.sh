@@ -1,31 +1,31 @@
 #!/usr/bin/env bash
-# The GPU checks of one short device session, in order of importance: the CUDA tests
-# (Triton kernels' parity, autocast), the kernel benchmark, then Table I in fp32 and bf16.
-# Usage: OUT=results_dir bash benchmarks/run_gpu_checks.sh   (python3 with torch + triton)
+# One prepared device session (run from the repository root on a CUDA machine):
+#  1. the Triton backend's tests on the GPU (tests/test_triton.py);
+#  2. benchmarks/gpu_checks.py: explain, FLOPs, compile parity, eager step times;
+#  3. with OLD_TREE=<folder holding an older src/>: whole-step CPU times of quadranet36_t,
+#     that tree against this one, at 8 threads on CPUs 0-7 (benchmarks/compare_trees.py).
+# Each part has its own time limit; results go to $OUT (default results/gpu_checks).
 set -u
-OUT=${OUT:-/tmp/gpu_checks}
-mkdir -p "$OUT" /tmp/gpu_res
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-PY=${PY:-python3}
+OUT=${OUT:-results/gpu_checks}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+log="$OUT/device.txt"
 {
   nvidia-smi -L
-  $PY -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
-  echo "== CUDA tests"; date
-  timeout 100 $PY -m pytest -q -o addopts= -p no:cacheprovider -k "cuda or triton" \
-    tests/test_triton.py tests/test_export.py
-  echo "== kernels"; date
-  timeout 70 $PY benchmarks/gpu_kernels.py --batch 64 --step-batch 64 --output /tmp/gpu_res/kernels
-  echo "== Table I fp32"; date
-  timeout 110 $PY -m quadranet.cli bench throughput --device cuda --models quadranet36_t,hornet_t,swin_tiny_patch4_window7_224,convnext_tiny,reference --rounds 1 --warmup 3 \
-    --repeats 10 --gemm-size 4096 --output /tmp/gpu_res/tp_fp32
-  echo "== Table I bf16"; date
-  timeout 80 $PY -m quadranet.cli bench throughput --device cuda --models quadranet36_t,hornet_t,swin_tiny_patch4_window7_224,convnext_tiny,reference --precision bf16 --rounds 1 \
-    --warmup 3 --repeats 10 --gemm-size 4096 --output /tmp/gpu_res/tp_bf16
-  date
-} 2>&1 | tee "$OUT/log.txt"
-cp /tmp/gpu_res/kernels/kernels_cuda.md /tmp/gpu_res/kernels/kernels_cuda.csv "$OUT"/ 2>/dev/null
-for p in fp32 bf16; do
-  for f in md csv; do cp "/tmp/gpu_res/tp_$p/throughput.$f" "$OUT/tp_$p.$f" 2>/dev/null; done
-done
-cp /tmp/gpu_res/tp_fp32/throughput.png "$OUT/tp_fp32.png" 2>/dev/null
-exit 0
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  echo "cpus $(nproc)"
+} > "$log" 2>&1
+start=$SECONDS
+timeout "${TEST_S:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_triton.py \
+  > "$OUT/test_triton.txt" 2>&1
+echo "test_triton rc=$? after $((SECONDS - start))s" >> "$log"
+timeout "${CHECKS_S:-240}" python3 benchmarks/gpu_checks.py --skip-compile-speed \
+  --out "$OUT/checks.jsonl" > "$OUT/gpu_checks.txt" 2>&1
+echo "gpu_checks rc=$? after $((SECONDS - start))s" >> "$log"
+if [ -n "${OLD_TREE:-}" ]; then
+  timeout "${COMPARE_S:-150}" python3 benchmarks/compare_trees.py --tree "old=$OLD_TREE" \
+    --tree new=. --threads 8 --cpus 0-7 --rounds 2 --steps 3 \
+    --output "$OUT/compare_8_threads.json" > "$OUT/compare_8_threads.txt" 2>&1
+  echo "compare rc=$? after $((SECONDS - start))s" >> "$log"
+fi
+cat "$log"

@@ -10,7 +10,7 @@ from quadranet.blocks import ConvBlock, GnConv, HorBlock, QuadraBlock, SkipBlock
     "block",
     [
         QuadraBlock(32),
-        QuadraBlock(32, kernel_size=3, mlp_ratio=2.0, memory_efficient=True),
+        QuadraBlock(32, kernel_size=3, mlp_ratio=2.0, recompute="full"),
         ConvBlock(32),
         SkipBlock(32),
         HorBlock(32, order=3),

@@ -6,7 +6,9 @@ import torch
 
 import quadranet
 from quadranet.bench.measure import count_macs, count_params
+from quadranet.blocks import MixerBlock, QuadraBlock
 from quadranet.models import create_model, list_models
+from quadranet.models.quadranet import QuadraNet
 from quadranet.nn import QuadraticConv2d
 
 # DESIGN.md section 3 (1000 classes): exact counts where given, else to the 0.01M shown.
@@ -136,11 +138,9 @@ def test_small_images_with_stem_stride():
 
 
 def test_kwargs_reach_the_blocks():
-    model = timm.create_model(
-        "quadranet25_xxs", kernel_size=5, mlp_ratio=2.0, memory_efficient=True
-    )
+    model = timm.create_model("quadranet25_xxs", kernel_size=5, mlp_ratio=2.0, recompute="full")
     conv = model.stages[0].blocks[0].mixer
-    assert conv.kernel_size == (5, 5) and model.stages[0].blocks[0].memory_efficient
+    assert conv.kernel_size == (5, 5) and model.stages[0].blocks[0].recompute == "full"
     assert model.stages[0].blocks[0].mlp.fc1.out_features == 32
 
 
@@ -153,18 +153,17 @@ def _naive_forward(self, x):
     return conv(x, wa, ba, **args) * conv(x, wb, bb, **args) + conv(x, wc, bc, **args)
 
 
-def test_memory_efficient_model_equals_plain_autograd(monkeypatch):
+@pytest.mark.parametrize("recompute", ["cheap", "full"])
+def test_recomputing_model_equals_plain_autograd(monkeypatch, recompute):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     results = []
-    for memory_efficient in (True, False):
-        if not memory_efficient:  # the reference: no custom autograd anywhere
+    for option in (recompute, "none"):
+        if option == "none":  # the reference: no custom op, no recomputation
+            monkeypatch.setattr(QuadraBlock, "spatial", MixerBlock.spatial)
             monkeypatch.setattr(QuadraticConv2d, "forward", _naive_forward)
         torch.manual_seed(0)
         model = timm.create_model(
-            "quadranet25_xxs",
-            num_classes=4,
-            memory_efficient=memory_efficient,
-            layer_scale_init=0.3,
+            "quadranet25_xxs", num_classes=4, recompute=option, layer_scale_init=0.3
         ).double()
         out = model(x)
         out.square().sum().backward()
@@ -173,15 +172,12 @@ def test_memory_efficient_model_equals_plain_autograd(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_family_is_memory_efficient_by_default():
+def test_family_recomputes_cheap_parts_by_default():
     model = timm.create_model("quadranet25_xxs")
-    assert all(b.memory_efficient for s in model.stages for b in s.blocks)
-    assert (
-        not timm.create_model("quadranet25_xxs", memory_efficient=False)
-        .stages[0]
-        .blocks[0]
-        .memory_efficient
-    )
+    assert all(b.recompute == "cheap" for s in model.stages for b in s.blocks)
+    model = timm.create_model("quadranet25_xxs", recompute="none")
+    assert model.stages[0].blocks[0].recompute == "none"
+    assert timm.create_model("hornet_t").stages[0].blocks[0].recompute == "none"
 
 
 def test_wrong_channel_count_says_what_to_do(small_model):
@@ -209,7 +205,7 @@ def test_bad_kernel_size(k):
 
 def test_option_a_block_does_not_take_is_an_error():
     with pytest.raises(ValueError, match="does not take"):
-        timm.create_model("hornet_t", memory_efficient=True)
+        QuadraNet(depths=(1, 1), dims=(32, 64), block="swin", kernel_size=5)
 
 
 def test_pretrained_is_refused_clearly():

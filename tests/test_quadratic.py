@@ -46,32 +46,30 @@ def test_fused_conv_matches_three_convolutions(cin, cout, k, stride, groups, siz
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,groups,size", CONV_CASES)
-def test_memory_efficient_gradcheck(cin, cout, k, stride, groups, size):
+def test_full_recompute_gradcheck(cin, cout, k, stride, groups, size):
     torch.manual_seed(1)
     x = torch.randn(2, cin, size, size, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3 * cout, cin // groups, k, k, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3 * cout, dtype=torch.float64, requires_grad=True)
 
     def fn(x, w, b):
-        return quadratic_conv2d(x, w, b, stride, k // 2, 1, groups, memory_efficient=True)
+        return quadratic_conv2d(x, w, b, stride, k // 2, 1, groups, recompute="full")
 
     assert gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("recompute", ["cheap", "full"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("cin,cout,k,stride,groups,size", CONV_CASES)
 def test_gradients_equal_naive_autograd(
-    cin, cout, k, stride, groups, size, channels_last, memory_efficient
+    cin, cout, k, stride, groups, size, channels_last, recompute
 ):
-    """Custom backward (fast depthwise or memory-efficient) vs autograd on three convs."""
+    """The layer's backward (custom depthwise op, recomputation) vs autograd on three convs."""
     torch.manual_seed(2)
     x = torch.randn(2, cin, size, size, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    m = QuadraticConv2d(
-        cin, cout, k, stride=stride, groups=groups, memory_efficient=memory_efficient
-    ).double()
+    m = QuadraticConv2d(cin, cout, k, stride=stride, groups=groups, recompute=recompute).double()
     with torch.no_grad():
         m.weight.normal_()
         m.bias.normal_()
@@ -101,29 +99,29 @@ def test_per_branch_path_equals_one_fused_call(cin, cout, k, stride, groups, siz
     torch.testing.assert_close(m(x), _combine(y3, groups), rtol=1e-10, atol=1e-12)
 
 
-def test_memory_efficient_without_bias_and_input_grad_only():
+def test_full_recompute_without_bias_and_input_grad_only():
     torch.manual_seed(4)
-    m = QuadraticConv2d(4, 4, 3, groups=4, bias=False, memory_efficient=True).double()
+    m = QuadraticConv2d(4, 4, 3, groups=4, bias=False, recompute="full").double()
     m.weight.requires_grad_(False)
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64, requires_grad=True)
     assert gradcheck(m, (x,))
     assert m.weight.grad is None
 
 
-def test_memory_efficient_saves_at_most_a_third():
+@pytest.mark.parametrize("groups", [32, 4])
+def test_full_recompute_saves_only_the_input(groups):
     torch.manual_seed(5)
     x = torch.randn(4, 32, 28, 28, requires_grad=True)
     saved = {}
-    for memory_efficient in (False, True):
-        m = QuadraticConv2d(32, 32, 7, groups=32, memory_efficient=memory_efficient)
-        saved[memory_efficient] = saved_tensor_bytes(lambda m=m: m(x), exclude=(m.weight, m.bias))
-    assert saved[True] > 0
-    assert saved[True] <= saved[False] / 3
-    assert saved[True] == x.numel() * x.element_size()  # only the input
+    for recompute in ("cheap", "full"):
+        m = QuadraticConv2d(32, 32, 7, groups=groups, recompute=recompute)
+        saved[recompute] = saved_tensor_bytes(lambda m=m: m(x), exclude=(m.weight, m.bias))
+    assert saved["full"] <= saved["cheap"] / 3
+    assert saved["full"] == x.numel() * x.element_size()  # only the input
 
 
-def test_memory_efficient_runs_plain_under_no_grad():
-    m = QuadraticConv2d(4, 4, 3, groups=4, memory_efficient=True)
+def test_full_recompute_runs_plain_under_no_grad():
+    m = QuadraticConv2d(4, 4, 3, groups=4, recompute="full")
     x = torch.randn(1, 4, 5, 5)
     with torch.no_grad():
         y = m(x)
@@ -187,8 +185,10 @@ def test_bad_arguments_say_what_to_do():
 
 
 def test_extra_repr_describes_the_layer():
-    r = repr(QuadraticConv2d(16, 16, 7, groups=16, memory_efficient=True))
-    assert "kernel_size=(7, 7)" in r and "groups=16" in r and "memory_efficient=True" in r
+    r = repr(QuadraticConv2d(16, 16, 7, groups=16, recompute="full"))
+    assert "kernel_size=(7, 7)" in r and "groups=16" in r and "recompute=full" in r
+    with pytest.raises(ValueError, match="recompute must be one of 'none', 'cheap', 'full'"):
+        QuadraticConv2d(4, 4, 3, recompute="some")
 
 
 def _train_xor(model: nn.Module, steps: int = 2000) -> float:

@@ -1,5 +1,5 @@
-"""Triton kernels of the depthwise quadratic conv: parity with float64 references and with
-the PyTorch path, dispatch, and half precision.
+"""Triton kernels of the depthwise quadratic conv: parity with float64 references, through
+the custom op (layer scale, residual, kept branches) and in a block, and half precision.
 
 On a CUDA machine the kernels are compiled and run on the GPU. Without one (CI) the same
 tests run them on CPU tensors in Triton's interpreter (`TRITON_INTERPRET=1` while this
@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quadranet import ops
 from quadranet.blocks import QuadraBlock
-from quadranet.nn import depthwise, ext
 
 pytest.importorskip("triton")
 
@@ -55,20 +55,15 @@ def tk():
     """The kernels module (compiled on a GPU, interpreted on CPU)."""
     if not (CUDA or INTERPRETED):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1 (test_kernels_in_triton_interpreter)")
-    return importlib.import_module("quadranet.nn.triton_kernels")
+    return importlib.import_module("quadranet.ops.triton_kernels")
 
 
 @pytest.fixture
-def triton_path(tk, monkeypatch):
-    """Dispatch the model's quadratic convs to the kernels on DEVICE; returns the calls made."""
-    calls = []
-    for name in ("quadratic_forward", "quadratic_backward"):
-        fn = getattr(tk, name)
-        monkeypatch.setattr(tk, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
-    monkeypatch.setattr(depthwise, "TRITON_DEVICES", (DEVICE.type,))
-    monkeypatch.delenv(depthwise.TRITON_ENV_VAR, raising=False)
-    with ext.cpu_kernels(False):
-        yield calls
+def triton_path(tk):
+    """Every quadratic conv on DEVICE through the Triton kernels (an error where they do
+    not apply)."""
+    with ops.kernels("require", backend="triton"):
+        yield
 
 
 def inputs(n, c, h, w, k, seed=0, dtype=torch.float64):
@@ -190,53 +185,81 @@ def block_step(block, x, grad):
     return [y.detach(), *grads]
 
 
-@pytest.mark.parametrize("memory_efficient", [False, True])
-def test_block_matches_pytorch_path(triton_path, memory_efficient):
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("shape", SHAPES[1:3], ids=IDS[1:3])
+def test_op_with_layer_scale_and_residual_matches_the_definition(triton_path, shape, keep):
+    from test_ops import definition, grads_of, make_inputs
+
+    *dims, k = shape
+    tensors = [on_device(t) for t in make_inputs(*dims, k)]
+
+    def run(x, w, b, g, r):
+        return ops.quadratic_dwconv(x, w, b, g, r, keep_branches=keep)
+
+    y, grads = grads_of(run, tensors)
+    y_ref, grads_ref = grads_of(
+        lambda *t: definition(*t, k // 2), [t.cpu().double() for t in tensors]
+    )
+    close(y, y_ref, rtol=1e-4)
+    for got, want in zip(grads, grads_ref, strict=True):
+        close(got, want, rtol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="Triton's interpreter cannot run on fake tensors")
+def test_opcheck_through_triton(triton_path):
+    from test_ops import make_inputs
+
+    x, w, b, g, r = (on_device(t) for t in make_inputs(2, 8, 6, 7, 3))
+    x.requires_grad_()
+    for keep in (True, False):
+        args = (x, w, b, g, r, [1, 1], [1, 1], [1, 1], keep)
+        torch.library.opcheck(torch.ops.quadranet.quadratic_dwconv, args)
+
+
+@pytest.mark.parametrize("recompute", ["none", "cheap", "full"])
+def test_block_matches_pytorch_path(tk, recompute):
     """A QuadraBlock's training step and inference through the kernels match PyTorch's ops."""
     torch.manual_seed(0)
-    block = QuadraBlock(16, layer_scale_init=0.5, memory_efficient=memory_efficient)
+    block = QuadraBlock(16, layer_scale_init=0.5, recompute=recompute)
     block = block.to(DEVICE).to(memory_format=CL)
     x = torch.randn(2, 16, 9, 10, device=DEVICE).contiguous(memory_format=CL)
     grad = torch.randn_like(x)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(depthwise.TRITON_ENV_VAR, "0")
+    with ops.kernels("off"):
         expected = block_step(block, x, grad)
         block.eval()
         with torch.no_grad():
             expected_eval = block(x)
         block.train()
-    assert not triton_path
-    actual = block_step(block, x, grad)
-    assert triton_path.count("quadratic_backward") == 1
+    with ops.kernels("require", backend="triton"):
+        assert set(ops.explain(block, x).backends().values()) == {"triton"}
+        actual = block_step(block, x, grad)
+        block.eval()
+        with torch.no_grad():
+            actual_eval = block(x)
     for a, e in zip(actual, expected, strict=True):
         close(a, e, rtol=1e-4)
-    block.eval()
-    with torch.no_grad():
-        close(block(x), expected_eval, rtol=1e-4)  # gamma folded, residual in the kernel pass
+    close(actual_eval, expected_eval, rtol=1e-4)
 
 
-def test_switch_off_and_other_devices(tk, monkeypatch):
+def test_choice_on_other_dtypes_and_devices(tk):
     x = torch.randn(1, 4, 5, 5, device=DEVICE).contiguous(memory_format=CL)
-    monkeypatch.setattr(depthwise, "TRITON_DEVICES", (DEVICE.type,))
-    assert depthwise.triton_ops(x) is tk
-    assert depthwise.triton_ops(x.double()) is None  # float64 keeps the PyTorch path
-    monkeypatch.setenv(depthwise.TRITON_ENV_VAR, "0")
-    assert depthwise.triton_ops(x) is None
-    monkeypatch.delenv(depthwise.TRITON_ENV_VAR)
-    monkeypatch.setattr(depthwise, "TRITON_DEVICES", ("cuda",))
-    assert depthwise.triton_ops(x.cpu()) is None
+    w = torch.randn(12, 1, 3, 3, device=DEVICE)
+    with ops.kernels("auto", backend="triton"):
+        assert ops.choose(x, w).backend == "triton"
+        assert ops.choose(x.double(), w.double()).backend == "reference"  # float64
+    with ops.kernels("off", backend="triton"):
+        assert ops.choose(x, w).backend == "reference"
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_cuda_model_uses_kernels_under_bf16_autocast(triton_path):
+def test_cuda_model_uses_kernels_under_bf16_autocast():
     from quadranet.models import create_model
 
-    model = create_model("quadranet25_xxs", num_classes=10, memory_efficient=True)
-    model = model.cuda().to(memory_format=CL)
+    model = create_model("quadranet25_xxs", num_classes=10).cuda().to(memory_format=CL)
     x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=CL)
+    assert set(ops.explain(model, x).backends().values()) == {"triton"}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = F.cross_entropy(model(x), torch.arange(4, device="cuda"))
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    assert "quadratic_forward" in triton_path and "quadratic_backward" in triton_path

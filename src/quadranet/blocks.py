@@ -191,12 +191,13 @@ class ConvBlock(MixerBlock):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         layer_scale_init: float | None = 1e-6,
+        recompute: Recompute | str = Recompute.NONE,
     ) -> None:
         check_kernel_size(kernel_size)
         mixer = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         nn.init.trunc_normal_(mixer.weight, std=0.02)
         nn.init.zeros_(mixer.bias)
-        super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init)
+        super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init, recompute)
 
 
 class SkipBlock(MixerBlock):
@@ -208,8 +209,9 @@ class SkipBlock(MixerBlock):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         layer_scale_init: float | None = 1e-6,
+        recompute: Recompute | str = Recompute.NONE,
     ) -> None:
-        super().__init__(dim, None, mlp_ratio, drop_path, layer_scale_init)
+        super().__init__(dim, None, mlp_ratio, drop_path, layer_scale_init, recompute)
 
 
 class GnConv(nn.Module):
@@ -260,10 +262,10 @@ class HorBlock(MixerBlock):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         layer_scale_init: float | None = 1e-6,
+        recompute: Recompute | str = Recompute.NONE,
     ) -> None:
-        super().__init__(
-            dim, GnConv(dim, order, kernel_size), mlp_ratio, drop_path, layer_scale_init
-        )
+        mixer = GnConv(dim, order, kernel_size)
+        super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init, recompute)
 
 
 class SwinBlock(nn.Module):

@@ -70,11 +70,14 @@ MiB = 2**20
 SETTLE = 4  # extra warm-up calls allowed while the allocator still grows (see `time_fn`)
 
 
-def build_model(name: str) -> nn.Module:
+DROP_PATH_RATE = 0.1  # the training engine's default stochastic depth
+
+
+def build_model(name: str, drop_path_rate: float = 0.0) -> nn.Module:
     """A benchmark model by name: `reference`, or any timm / QuadraNet model (untrained)."""
     if name == REFERENCE_NAME:
-        return create_reference_model()
-    return create_model(name, pretrained=False)
+        return create_reference_model(drop_path_rate=drop_path_rate)
+    return create_model(name, pretrained=False, drop_path_rate=drop_path_rate)
 
 
 def model_costs(name: str, img_size: int, batch: int = 32, train_batch: int = 16) -> dict[str, Any]:
@@ -118,9 +121,11 @@ def measure_model(
     infer_gemms: Sequence[tuple[tuple[int, int, int, int], int]] = (),
     train_gemms: Sequence[tuple[tuple[int, int, int, int], int]] = (),
     device: str = "cpu",
+    drop_path_rate: float = DROP_PATH_RATE,
 ) -> dict[str, Any]:
     """Training then inference speed of one model on `device`, the peak memory of training,
-    and the time its matrix products alone take in this process (a child job).
+    and the time its matrix products alone take in this process (a child job). Training
+    runs with stochastic depth `drop_path_rate`, as the training engine does.
 
     Training runs first so that its peak is measured before inference has used any memory.
     """
@@ -129,7 +134,7 @@ def measure_model(
     dev = torch.device(device)
     sync = synchronizer(dev)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(name).to(dev, memory_format=memory_format)
+    model = build_model(name, drop_path_rate).to(dev, memory_format=memory_format)
     run = torch.compile(model, dynamic=False) if compile else model
 
     def autocast() -> torch.autocast:
@@ -196,6 +201,7 @@ def run_throughput_bench(
     gemm_size: int = GEMM_SIZE,
     settle: int = SETTLE,
     device: str = "cpu",
+    drop_path_rate: float = DROP_PATH_RATE,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Table rows (one per model) and the raw per-round measurements."""
     if precision not in PRECISIONS:
@@ -219,6 +225,7 @@ def run_throughput_bench(
         repeats=repeats,
         settle=settle,
         device=device,
+        drop_path_rate=drop_path_rate,
     )
     gemm_dtype = "bfloat16" if precision == "bf16" else "float32"
     items = [GEMM, *models]
@@ -394,6 +401,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         gemm_size=args.gemm_size,
         settle=args.settle,
         device=args.device,
+        drop_path_rate=args.drop_path,
     )
     gemm = raw["gemm"]
     device = raw["device"]
@@ -418,9 +426,10 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         + (", torch.compile (compile time excluded)" if args.compile else ", eager")
         + f", on {device}",
         f"inference: batch {args.batch}; training (forward, backward, fused AdamW): batch "
-        f"{args.train_batch}; each the median of {args.repeats} calls after {args.warmup} "
-        f"warm-up (and up to {args.settle} more while a call still page-faults over "
-        f"{SETTLED_FAULTS} times and fewer than the one before: the allocator growing)",
+        f"{args.train_batch}, drop-path {args.drop_path}; each the median of {args.repeats} "
+        f"calls after {args.warmup} warm-up (and up to {args.settle} more while a call still "
+        f"page-faults over {SETTLED_FAULTS} times and fewer than the one before: the "
+        "allocator growing)",
         f"{args.rounds} round(s), models interleaved, one child process per model per round; "
         "img/s: median over rounds (min–max)",
         "GMACs: conv + linear (+ attention matmul) multiply-accumulates per image; saved act.: "
@@ -501,6 +510,12 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
         help="channels-last memory format for weights and inputs",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument(
+        "--drop-path",
+        type=float,
+        default=DROP_PATH_RATE,
+        help="stochastic depth in the training steps (the training engine's default)",
+    )
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=3, help="rounds over all models")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")

@@ -13,6 +13,7 @@ All three give the same gradients. Recomputation runs only in training with grad
 from __future__ import annotations
 
 import enum
+import inspect
 from collections.abc import Callable
 from functools import partial
 
@@ -46,6 +47,13 @@ class Recompute(str, enum.Enum):
 
 
 DEFAULT_RECOMPUTE = Recompute.CHEAP
+# Let what selective checkpointing keeps pass through saved-tensor hooks (so measurements
+# and offloading see it) where this torch has the option.
+_HOOKS = (
+    {"respect_saved_tensors_hooks": True}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
+    else {}
+)
 
 
 def _kept_ops() -> frozenset:
@@ -68,6 +76,4 @@ def run_branch(
     if recompute is Recompute.FULL:
         return checkpoint(fn, x, use_reentrant=False)
     context = partial(create_selective_checkpoint_contexts, partial(_policy, _kept_ops()))
-    return checkpoint(
-        fn, x, use_reentrant=False, context_fn=context, respect_saved_tensors_hooks=True
-    )
+    return checkpoint(fn, x, use_reentrant=False, context_fn=context, **_HOOKS)

@@ -51,13 +51,16 @@ def quadratic_dwconv(
     `weight` is the fused (3C, 1, kh, kw) tensor (channel 3c + branch), `bias` the fused
     (3C) bias, `gamma` an optional (C) layer scale; padding None keeps the map size.
     `keep_branches=False` keeps only x for backward and recomputes the branches there.
-    The op runs in x's dtype (weights may stay float32).
+    Under autocast the op runs in autocast's dtype (weights stay as they are), else in x's.
     """
     stride, dilation = _pair(stride), _pair(dilation)
     if padding is None:
         kh, kw = weight.shape[-2:]
         padding = (dilation[0] * (kh - 1) // 2, dilation[1] * (kw - 1) // 2)
     padding = _pair(padding)
+    dtype = _autocast_dtype(x)
+    if dtype is not None and dtype != x.dtype:
+        x = x.to(dtype)
     log = getattr(_recording, "log", None)
     if log is not None:
         log.append(
@@ -70,6 +73,14 @@ def quadratic_dwconv(
         x, weight, bias, gamma, residual, stride, padding, dilation, keep
     )
     return y
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """Autocast's dtype for x's device when autocast is on there (None while FX traces)."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda"):
+        return None
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 @dataclass

@@ -1,0 +1,110 @@
+"""Whole-step time of one model built from several source trees, side by side.
+
+Used to decide whether a fast path pays: run the same model from a tree with it and a tree
+without it, alternating child processes (one per measurement), and compare medians.
+Each child imports `quadranet` from `<tree>/src`, builds the model with stochastic depth
+0.1 (as the training engine trains), channels-last float32, and times a training step
+(forward, backward, fused AdamW) and an inference batch.
+
+    python benchmarks/compare_trees.py --tree old=/tmp/old --tree new=. --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time, torch, timm
+import quadranet  # noqa: F401  (registers the models)
+name, batch, train_batch, steps, threads = sys.argv[1], *map(int, sys.argv[2:6])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+cl = torch.channels_last
+model = timm.create_model(name, drop_path_rate=0.1).to(memory_format=cl)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+x = torch.randn(train_batch, 3, 224, 224).contiguous(memory_format=cl)
+y = torch.randint(0, 1000, (train_batch,))
+
+def train():
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+xi = torch.randn(batch, 3, 224, 224).contiguous(memory_format=cl)
+
+def infer():
+    with torch.no_grad():
+        model(xi)
+
+out = {}
+for key, fn in (("train", train), ("infer", infer)):
+    model.train(key == "train")
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    out[key] = sorted(times)[len(times) // 2]
+print(json.dumps(out))
+"""
+
+RETAINED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=107374182400"
+
+
+def measure(tree: Path, args: argparse.Namespace) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"), GLIBC_TUNABLES=RETAINED)
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    cmd = [sys.executable, "-c", CHILD, args.model, str(args.batch), str(args.train_batch)]
+    cmd += [str(args.steps), str(args.threads)]
+    if args.cpus:
+        cmd = ["taskset", "-c", args.cpus, *cmd]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tree", action="append", required=True, help="label=path (2 or more)")
+    p.add_argument("--model", default="quadranet36_t")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cpus", default="", help="taskset CPU list for the children (optional)")
+    p.add_argument("--batch", type=int, default=32, help="inference batch")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5, help="timed calls per child (median)")
+    p.add_argument("--rounds", type=int, default=3, help="children per tree, alternating")
+    p.add_argument("--output", default="", help="JSON file for the results (optional)")
+    args = p.parse_args(argv)
+    trees = dict(t.split("=", 1) for t in args.tree)
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label in trees}
+    for r in range(args.rounds):
+        order = list(trees) if r % 2 == 0 else list(trees)[::-1]
+        for label in order:
+            runs[label].append(measure(Path(trees[label]).resolve(), args))
+            print(f"round {r + 1}/{args.rounds} {label}: {runs[label][-1]}", flush=True)
+    first = next(iter(trees))
+    summary = {}
+    for label, results in runs.items():
+        summary[label] = {k: statistics.median(r[k] for r in results) for k in ("train", "infer")}
+    for label, s in summary.items():
+        speed = {k: summary[first][k] / s[k] for k in s}
+        print(
+            f"{label}: train {args.train_batch / s['train']:.2f} img/s, infer "
+            f"{args.batch / s['infer']:.2f} img/s; speed vs {first}: train "
+            f"{speed['train']:.3f}x, infer {speed['infer']:.3f}x"
+        )
+    if args.output:
+        record = dict(vars(args), runs=runs, summary=summary)
+        Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
