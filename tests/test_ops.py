@@ -49,9 +49,8 @@ def grads_of(fn, tensors, seed=1):
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
     out = fn(*leaves)
     gen = torch.Generator().manual_seed(seed)
-    (
-        out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
-    ).sum().backward()
+    weight = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (out * weight.to(out.device, out.dtype)).sum().backward()
     return out.detach(), [None if t is None else t.grad for t in leaves]
 
 
@@ -354,3 +353,30 @@ def test_export_keeps_the_op_and_fx_traces_the_family():
 def test_torchscript_is_refused_clearly():
     with pytest.raises(RuntimeError, match="does not support TorchScript.*torch.export"):
         torch.jit.script(small_model())
+
+
+@pytest.mark.parametrize("recompute", ["cheap", "full"])
+def test_backward_on_another_thread_takes_the_forward_route(recompute):
+    """CUDA runs backward on autograd worker threads, which do not see a thread's
+    `kernels(...)` override: the recomputation and the op's backward must still take the
+    route the forward took."""
+    import threading
+
+    block = QuadraBlock(8, kernel_size=3, layer_scale_init=0.5, recompute=recompute)
+    block = block.to(memory_format=CL)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=CL)
+    with ops.kernels("off"):
+        y = block(x).square().sum()
+    errors = []
+
+    def backward() -> None:
+        try:
+            y.backward()
+        except Exception as err:  # noqa: BLE001  (reported below)
+            errors.append(err)
+
+    worker = threading.Thread(target=backward)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    assert all(p.grad is not None for p in block.parameters())

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-import quadranet.ops  # noqa: F401  (registers torch.ops.quadranet)
+from quadranet.ops import policy  # (also registers torch.ops.quadranet)
 
 aten = torch.ops.aten
 
@@ -67,12 +67,20 @@ def _policy(kept: frozenset, ctx: object, func: object, *args: object, **kwargs:
     return CheckpointPolicy.MUST_SAVE if func in kept else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _with_setting(fn: Callable, setting: tuple, x: torch.Tensor) -> torch.Tensor:
+    with policy.kernels(*setting):
+        return fn(x)
+
+
 def run_branch(
     fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, recompute: Recompute
 ) -> torch.Tensor:
     """fn(x), keeping for backward what `recompute` says."""
     if recompute is Recompute.NONE or not torch.is_grad_enabled():
         return fn(x)
+    # the recomputation may run on another thread (CUDA's autograd workers): it must take
+    # the route the forward took, so it runs under this thread's kernel setting
+    fn = partial(_with_setting, fn, (policy.mode(), policy.forced_backend()))
     if recompute is Recompute.FULL:
         return checkpoint(fn, x, use_reentrant=False)
     context = partial(create_selective_checkpoint_contexts, partial(_policy, _kept_ops()))

@@ -122,15 +122,18 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.save_for_backward(x, weight, bias, gamma, a, b)
     ctx.conv_args = (stride, padding, dilation)
     ctx.has_residual = residual is not None
+    # backward may run on another thread (CUDA's autograd workers): keep this thread's setting
+    ctx.setting = (policy.mode(), policy.forced_backend())
 
 
 def _backward(ctx, grad_y: Tensor, _grad_a: Tensor, _grad_b: Tensor) -> tuple:  # noqa: ANN001
     x, weight, bias, gamma, a, b = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2] and bias is not None, need[3] and gamma is not None]
-    grads = torch.ops.quadranet.quadratic_dwconv_backward(
-        grad_y, x, weight, bias, gamma, a, b, *ctx.conv_args, mask
-    )
+    with policy.kernels(*ctx.setting):
+        grads = torch.ops.quadranet.quadratic_dwconv_backward(
+            grad_y, x, weight, bias, gamma, a, b, *ctx.conv_args, mask
+        )
     dx, dw, db, dg = (g if m else None for g, m in zip(grads, mask))
     dres = grad_y if ctx.has_residual and need[4] else None
     return dx, dw, db, dg, dres, None, None, None, None
