@@ -7,6 +7,8 @@ Each child imports `quadranet` from `<tree>/src`, builds the model with stochast
 (forward, backward, fused AdamW) and an inference batch.
 
     python benchmarks/compare_trees.py --tree old=/tmp/old --tree new=. --threads 2
+
+A tree may carry model options as JSON after the path: `--tree none='.:{"recompute": "none"}'`.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ CHILD = r"""
 import json, sys, time, torch, timm
 import quadranet  # noqa: F401  (registers the models)
 name, batch, train_batch, steps, threads = sys.argv[1], *map(int, sys.argv[2:6])
+options = json.loads(sys.argv[6])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 cl = torch.channels_last
-model = timm.create_model(name, drop_path_rate=0.1).to(memory_format=cl)
+model = timm.create_model(name, drop_path_rate=0.1, **options).to(memory_format=cl)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 x = torch.randn(train_batch, 3, 224, 224).contiguous(memory_format=cl)
 y = torch.randint(0, 1000, (train_batch,))
@@ -59,11 +62,13 @@ print(json.dumps(out))
 RETAINED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=107374182400"
 
 
-def measure(tree: Path, args: argparse.Namespace) -> dict[str, float]:
+def measure(spec: str, args: argparse.Namespace) -> dict[str, float]:
+    path, _, options = spec.partition(":")
+    tree = Path(path).resolve()
     env = dict(os.environ, PYTHONPATH=str(tree / "src"), GLIBC_TUNABLES=RETAINED)
     env["OMP_NUM_THREADS"] = str(args.threads)
     cmd = [sys.executable, "-c", CHILD, args.model, str(args.batch), str(args.train_batch)]
-    cmd += [str(args.steps), str(args.threads)]
+    cmd += [str(args.steps), str(args.threads), options or "{}"]
     if args.cpus:
         cmd = ["taskset", "-c", args.cpus, *cmd]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -72,7 +77,9 @@ def measure(tree: Path, args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tree", action="append", required=True, help="label=path (2 or more)")
+    p.add_argument(
+        "--tree", action="append", required=True, help="label=path[:model options as JSON]"
+    )
     p.add_argument("--model", default="quadranet36_t")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cpus", default="", help="taskset CPU list for the children (optional)")
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         order = list(trees) if r % 2 == 0 else list(trees)[::-1]
         for label in order:
-            runs[label].append(measure(Path(trees[label]).resolve(), args))
+            runs[label].append(measure(trees[label], args))
             print(f"round {r + 1}/{args.rounds} {label}: {runs[label][-1]}", flush=True)
     first = next(iter(trees))
     summary = {}
