@@ -8,7 +8,8 @@ Each child imports `quadranet` from `<tree>/src`, builds the model with stochast
 
     python benchmarks/compare_trees.py --tree old=/tmp/old --tree new=. --threads 2
 
-A tree may carry model options as JSON after the path: `--tree none='.:{"recompute": "none"}'`.
+A tree may carry model options as JSON after the path: `--tree none='.:{"recompute": "none"}'`;
+`{"compile": true}` times `torch.compile(model)` (compilation happens in the warm-up calls).
 """
 
 from __future__ import annotations
@@ -26,24 +27,26 @@ import json, sys, time, torch, timm
 import quadranet  # noqa: F401  (registers the models)
 name, batch, train_batch, steps, threads = sys.argv[1], *map(int, sys.argv[2:6])
 options = json.loads(sys.argv[6])
+compiled = options.pop("compile", False)
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 cl = torch.channels_last
 model = timm.create_model(name, drop_path_rate=0.1, **options).to(memory_format=cl)
+run = torch.compile(model) if compiled else model
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 x = torch.randn(train_batch, 3, 224, 224).contiguous(memory_format=cl)
 y = torch.randint(0, 1000, (train_batch,))
 
 def train():
     opt.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
+    torch.nn.functional.cross_entropy(run(x), y).backward()
     opt.step()
 
 xi = torch.randn(batch, 3, 224, 224).contiguous(memory_format=cl)
 
 def infer():
     with torch.no_grad():
-        model(xi)
+        run(xi)
 
 out = {}
 for key, fn in (("train", train), ("infer", infer)):
