@@ -144,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         Column("kernel_ms", "kernels (ms)", "{:.2f}"),
         Column("speedup", "speed-up", "{:.2f}x"),
     ]
-    where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-             else machine_info(torch.get_num_threads()))  # fmt: skip
+    if args.device.startswith("cuda"):
+        where = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    else:
+        where = machine_info(torch.get_num_threads())
     command = " ".join(["python benchmarks/kernels.py", *(sys.argv[1:] if argv is None else argv)])
-    text = (f"# Depthwise quadratic conv: kernels vs the ATen reference\n\n{where}; torch "
-            f"{torch.__version__}; `{command}`.\n\n" + markdown_table(rows, cols))  # fmt: skip
+    text = (f"# Depthwise quadratic conv: kernels vs the ATen reference\n\n{where}; "
+            f"`{command}`.\n\n" + markdown_table(rows, cols))  # fmt: skip
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.md").write_text(text)
