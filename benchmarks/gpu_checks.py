@@ -172,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         emit(args.out, check="device", name=torch.cuda.get_device_name(), torch=torch.__version__)
     check_explain_and_flops(args)
-    for dtype in (torch.float32, torch.bfloat16):
-        check_compile(args, dtype)
     speed_models = ["quadranet25_xxs"] if small else ["quadranet36_t", "hornet_t", "convnext_tiny"]
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32):  # eager timings first: they are quick
         for name in speed_models:
             check_speed(args, name, dtype, compile=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_compile(args, dtype)
     if not args.skip_compile_speed:
         check_speed(args, speed_models[0], torch.bfloat16, compile=True)
     return 0
