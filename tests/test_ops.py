@@ -210,13 +210,15 @@ def test_explain_names_every_block():
     model = small_model()
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
     report = ops.explain(model, x)
-    assert len(report.rows) == sum(len(s.blocks) for s in model.stages)
-    assert set(report.backends()) == {f"stages.{i}.blocks.{j}" for i, s in enumerate(model.stages)
-                                      for j in range(len(s.blocks))}  # fmt: skip
-    assert set(report.backends().values()) == {"cpu" if CPU_BUILT else "reference"}
+    blocks = {f"stages.{i}.blocks.{j}" for i, s in enumerate(model.stages)
+              for j in range(len(s.blocks))}  # fmt: skip
+    assert set(report.backends()) == blocks | {f"{b}.mlp" for b in blocks}
+    convs = {k: v for k, v in report.backends().items() if not k.endswith(".mlp")}
+    assert set(convs.values()) == {"cpu" if CPU_BUILT else "reference"}
     with ops.kernels("off"):
         assert set(ops.explain(model, x).backends().values()) == {"reference"}
     assert "| stages.0.blocks.0 |" in str(report)
+    assert "| stages.0.blocks.0.mlp |" in str(report)
 
 
 def training_step(model, x, seed=3):
@@ -380,3 +382,58 @@ def test_backward_on_another_thread_takes_the_forward_route(recompute):
     worker.join()
     assert not errors, errors
     assert all(p.grad is not None for p in block.parameters())
+
+
+def mlp_definition(x, lw, lb, w1, b1, w2, b2, gamma):
+    """gamma * fc2(GELU(fc1(LN(x)))) in float64 with plain modules' functions."""
+    x, lw, lb, w1, b1, w2, b2, gamma = (None if t is None else t.double()
+                                        for t in (x, lw, lb, w1, b1, w2, b2, gamma))  # fmt: skip
+    n = F.layer_norm(x, (x.shape[-1],), lw, lb, 1e-6)
+    y = F.linear(F.gelu(F.linear(n, w1, b1)), w2, b2)
+    return y if gamma is None else y * gamma
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("affine,bias,gamma", [(True, True, True), (False, False, False)])
+@pytest.mark.parametrize("rows", [(2, 9, 7), (1, 3, 1)])
+def test_channel_mlp_matches_the_definition(monkeypatch, backend, affine, bias, gamma, rows):
+    """The channel MLP op (chunked C++ kernels and ATen reference) and its gradients."""
+    monkeypatch.setattr(policy, "MLP_MIN_HIDDEN", 0)  # the chunked kernels at any size
+    c, hid = 12, 40
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, on=True):
+        return torch.randn(*shape, generator=gen) if on else None
+
+    tensors = [rand(*rows, c), rand(c, on=affine), rand(c, on=affine), rand(hid, c) / 3]
+    tensors += [rand(hid, on=bias), rand(c, hid) / 6, rand(c, on=bias), rand(c, on=gamma)]
+    mode = "off" if backend == "reference" else "auto"
+
+    def run(x, lw, lb, w1, b1, w2, b2, g):
+        with ops.kernels(mode):
+            assert policy.choose_mlp(x, hid).backend == backend
+            return ops.channel_mlp(x, lw, lb, 1e-6, w1, b1, w2, b2, g)
+
+    y, grads = grads_of(run, tensors)
+    y_ref, grads_ref = grads_of(mlp_definition, tensors)
+    assert_close(y, y_ref, 1e-5)
+    for got, want in zip(grads, grads_ref):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert_close(got, want, 1e-5)
+    with torch.no_grad(), ops.kernels(mode):  # inference: nothing kept
+        assert_close(ops.channel_mlp(tensors[0], *tensors[1:3], 1e-6, *tensors[3:]), y_ref, 1e-5)
+
+
+def test_channel_mlp_opcheck(monkeypatch):
+    monkeypatch.setattr(policy, "MLP_MIN_HIDDEN", 0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 5, 16, generator=gen, requires_grad=True)
+    lw, lb, b2 = (torch.randn(16, generator=gen) for _ in range(3))
+    w1, b1, w2 = torch.randn(64, 16, generator=gen), torch.randn(64), torch.randn(16, 64)
+    for dtype in (torch.float32, torch.float64):  # chunked kernels, reference
+        args = [t.to(dtype) for t in (x, lw, lb)]
+        args = [args[0].detach().requires_grad_(), *args[1:], 1e-6]
+        args += [t.to(dtype) for t in (w1, b1, w2, b2)]
+        for keep in (True, False):
+            opcheck(torch.ops.quadranet.channel_mlp, (*args, keep))

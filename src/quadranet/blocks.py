@@ -21,7 +21,7 @@ from torch import nn
 
 from quadranet.nn import LayerNorm2d, QuadraticConv2d
 from quadranet.nn.recompute import DEFAULT_RECOMPUTE, Recompute, run_branch
-from quadranet.ops import quadratic_dwconv
+from quadranet.ops import channel_mlp, quadratic_dwconv
 
 LN_EPS = 1e-6
 
@@ -54,10 +54,22 @@ def _fold_scale(layer: nn.Module, scale: torch.Tensor) -> bool:
 
 
 class ChannelMlp(nn.Module):
-    """Channel mixing on an NHWC map: gamma * fc2(GELU(fc1(LN(x))))."""
+    """Channel mixing on an NHWC map: gamma * fc2(GELU(fc1(LN(x)))).
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, layer_scale_init: float | None = 1e-6):
+    It runs as one operator (`quadranet.ops.channel_mlp`) that keeps x, fc1's output and
+    LN's statistics for backward, except in training with `recompute="none"`, where plain
+    modules keep every intermediate.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float = 4.0,
+        layer_scale_init: float | None = 1e-6,
+        recompute: Recompute | str = DEFAULT_RECOMPUTE,
+    ) -> None:
         super().__init__()
+        self.recompute = Recompute.parse(recompute)
         hidden = int(mlp_ratio * dim)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.fc1 = nn.Linear(dim, hidden)
@@ -66,8 +78,25 @@ class ChannelMlp(nn.Module):
         self.gamma = _layer_scale(dim, layer_scale_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep_all = self.recompute is Recompute.NONE and torch.is_grad_enabled()
+        if keep_all or not self.standard:  # plain modules (adapted layers: always)
+            return self.plain_forward(x)
+        norm, fc1, fc2 = self.norm, self.fc1, self.fc2
+        return channel_mlp(
+            x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+            self.gamma,
+        )  # fmt: skip
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function through the plain modules (plain autograd)."""
         y = self.fc2(self.act(self.fc1(self.norm(x))))
         return y if self.gamma is None else y * self.gamma
+
+    @property
+    def standard(self) -> bool:
+        """LayerNorm, Linear, exact GELU, Linear: what `quadranet.ops.channel_mlp` computes."""
+        exact = isinstance(self.act, nn.GELU) and self.act.approximate == "none"
+        return exact and type(self.fc1) is type(self.fc2) is nn.Linear
 
     def reparameterize(self) -> None:
         """Fold the layer scale into fc2 (inference)."""
@@ -108,9 +137,18 @@ class MixerBlock(nn.Module):
             self.gamma1 = _layer_scale(dim, layer_scale_init)
         else:
             self.norm1 = self.mixer = self.gamma1 = None
-        self.mlp = ChannelMlp(dim, mlp_ratio, layer_scale_init)
+        self.mlp = ChannelMlp(dim, mlp_ratio, layer_scale_init, recompute)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.recompute = Recompute.parse(recompute)
+        self.recompute = recompute
+
+    @property
+    def recompute(self) -> Recompute:
+        """What each branch keeps for backward (the channel MLP follows it)."""
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, value: Recompute | str) -> None:
+        self._recompute = self.mlp.recompute = Recompute.parse(value)
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial-mixing branch, gamma1 * mixer(LN(x)), before drop-path."""

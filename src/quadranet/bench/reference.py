@@ -4,7 +4,8 @@ Same architecture and parameter count as `quadranet36_t`, but written as researc
 usually writes it: the quadratic depthwise conv is three separate `nn.Conv2d` (a, b, c)
 combined as a * b + c under plain autograd, the channels-first LayerNorms (block
 norm1, stem, downsamples) are computed element-wise instead of by the library kernel,
-and every branch keeps all its intermediates for backward (no recomputation).
+the channel MLP is plain modules, and every branch keeps all its intermediates for backward
+(no recomputation).
 It is a benchmark baseline, not a model of the family, so it is not registered with timm.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quadranet.blocks import LN_EPS, MixerBlock, check_kernel_size
+from quadranet.blocks import LN_EPS, ChannelMlp, MixerBlock, check_kernel_size
 from quadranet.models.quadranet import DEPTHS, WIDTHS, QuadraNet
 from quadranet.nn import LayerNorm2d, QuadraticConv2d
 
@@ -60,6 +61,12 @@ class UnfusedQuadraticDWConv2d(nn.Module):
         return self.a(x) * self.b(x) + self.c(x)
 
 
+class PlainChannelMlp(ChannelMlp):
+    """The channel MLP through plain modules in training and inference alike."""
+
+    forward = ChannelMlp.plain_forward
+
+
 class ReferenceQuadraBlock(MixerBlock):
     """QuadraBlock with the unfused quadratic conv and an element-wise norm1."""
 
@@ -74,6 +81,7 @@ class ReferenceQuadraBlock(MixerBlock):
         mixer = UnfusedQuadraticDWConv2d(dim, kernel_size)
         super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init)
         self.norm1 = ElementwiseLayerNorm2d(dim)
+        self.mlp = PlainChannelMlp(dim, mlp_ratio, layer_scale_init, "none")
 
 
 def _elementwise_norms(model: QuadraNet) -> None:

@@ -14,20 +14,23 @@ import threading
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from quadranet.ops import library, reference
+from quadranet.ops import library, mlp, policy, reference
 from quadranet.ops.policy import Choice, KernelError, choose, kernels, mode
 
 __all__ = [
     "Choice",
     "Explanation",
+    "channel_mlp",
     "KernelError",
     "choose",
     "explain",
     "kernels",
     "library",
+    "mlp",
     "mode",
     "quadratic_dwconv",
 ]
@@ -83,9 +86,36 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
+def channel_mlp(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    eps: float,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    gamma: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """gamma * fc2(GELU(fc1(LayerNorm(x)))) over the last dim of x, as one operator (the
+    chunked C++ kernels where they pay); keeps x, fc1's output and LN's statistics for
+    backward. With `QUADRANET_KERNELS=off` plain PyTorch ops with autograd."""
+    if gamma is not None:  # the layer scale folded into fc2: no pass over the output
+        w2, b2 = w2 * gamma[:, None], None if b2 is None else b2 * gamma
+    log = getattr(_recording, "log", None)
+    if log is not None:
+        shape = f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+        log.append((shape, policy.choose_mlp(x, w1.shape[0])))
+    if mode() == "off":
+        n = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+        return F.linear(F.gelu(F.linear(n, w1, b1)), w2, b2)
+    keep = torch.is_grad_enabled()
+    return torch.ops.quadranet.channel_mlp(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, keep)[0]
+
+
 @dataclass
 class Explanation:
-    """Which backend each depthwise quadratic conv of a model uses, in call order."""
+    """Which backend each quadratic conv and channel MLP of a model uses, in call order."""
 
     rows: list[tuple[str, str, str, str]]  # (module, input, backend, reason)
 
@@ -100,7 +130,8 @@ class Explanation:
 
 
 def explain(model: nn.Module, x: torch.Tensor) -> Explanation:
-    """Run `model(x)` once without gradients and report each quadratic conv's backend."""
+    """Run `model(x)` once without gradients and report the backend of each quadratic conv
+    (rows named by block) and channel MLP (rows named `....mlp`)."""
     names = {module: name for name, module in model.named_modules()}
     stack: list[str] = []
 

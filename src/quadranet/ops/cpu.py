@@ -125,8 +125,9 @@ def _load_or_remember() -> dict[str, object]:
     try:
         return {"ops": _build()}
     except Exception as err:  # no compiler, no ninja, compile error, ...
-        text = str(err).strip()
-        reason = f"the C++ build failed: {text.splitlines()[0] if text else repr(err)}"
+        lines = str(err).strip().splitlines() or [repr(err)]
+        first_error = next((line for line in lines if ": error:" in line), lines[0])
+        reason = f"the C++ build failed: {first_error.strip()[:500]}"
         with contextlib.suppress(OSError):
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(reason + "\n")

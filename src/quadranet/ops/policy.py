@@ -133,6 +133,25 @@ def _kernel_choice(x: torch.Tensor, backend: Backend | None) -> Choice:
     return Choice("reference", f"no kernel for {device} tensors")
 
 
+MLP_MAX_CHANNELS = 128  # wider maps: the whole-tensor products beat the chunked kernels
+MLP_MIN_HIDDEN = 1 << 22  # values of hidden activation below which it stays in cache anyway
+
+
+def choose_mlp(x: torch.Tensor, hidden: int) -> Choice:
+    """The backend of the channel MLP op on x (..., C) with `hidden` hidden channels."""
+    if mode() == "off":
+        return Choice("reference", f"kernels off ({ENV_VAR}=off)")
+    if forced_backend() not in (None, "cpu"):
+        return Choice("reference", f"backend {forced_backend()} forced")
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        return Choice("reference", "the chunked MLP takes contiguous float32 CPU maps")
+    c = x.shape[-1]
+    if c > MLP_MAX_CHANNELS or x.numel() // max(c, 1) * hidden < MLP_MIN_HIDDEN:
+        return Choice("reference", "whole-tensor products are faster at this shape")
+    ops, error = cpu.load()
+    return Choice("reference", error) if ops is None else Choice("cpu", "C++ chunked MLP")
+
+
 def choose(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -1,10 +1,13 @@
-// CPU kernels of the depthwise quadratic convolution (float32, channels-last memory):
-//   * forward: y = a * b + c (+ residual), where a, b, c are depthwise k x k convolutions of
-//     x (stride 1, dilation 1, padding k / 2) with the fused weight (3C, 1, k, k) whose
-//     channel 3 * ch + branch holds branch (a, b, c) of input channel ch;
-//   * backward: dx and the fused weight / bias gradients in one pass over the data.
-// They are backends of the `quadranet::quadratic_dwconv` ops (see quadranet/ops): the
-// Python side folds the layer scale into the weights and decides when these kernels apply.
+// CPU kernels of QuadraNet (float32):
+//   * the depthwise quadratic convolution on channels-last maps, forward y = a * b + c
+//     (+ residual), where a, b, c are depthwise k x k convolutions of x (stride 1, dilation
+//     1, padding k / 2) with the fused weight (3C, 1, k, k) whose channel 3 * ch + branch
+//     holds branch (a, b, c) of input channel ch, and backward (dx and the fused weight /
+//     bias gradients in one pass over the data);
+//   * the channel MLP fc2(GELU(fc1(LN(x)))) over chunks of rows whose hidden activation
+//     stays in cache, forward and backward (GELU by exp-free rational fits).
+// They are backends of the `quadranet::` ops (see quadranet/ops): the Python side folds
+// the layer scales into the weights and decides when these kernels apply.
 //
 // Vectors are GCC vector extensions of 8 floats (AVX2 + FMA where the build enables
 // them, pairs of SSE registers otherwise); channels are processed in blocks of 8. Each task (one image,
@@ -18,7 +21,11 @@
 // ops are registered with the dispatcher and called as torch.ops.quadranet_cpu.*.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,6 +34,18 @@
 #include <cstring>
 #include <new>
 #include <vector>
+
+// MKL's packed matrix products, which the x86 builds of libtorch export. Declared weak: on
+// a build without them the pointers are null and the channel MLP uses at::mm_out instead.
+extern "C" {
+__attribute__((weak)) size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
+__attribute__((weak)) void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n,
+                                            int k, float alpha, const float* src, int ld,
+                                            float* dest);
+__attribute__((weak)) void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n,
+                                               int k, const float* a, int lda, const float* b,
+                                               int ldb, float beta, float* c, int ldc);
+}
 
 namespace {
 
@@ -76,6 +95,24 @@ inline void in_register(vf& v) {
 #endif
 }
 
+
+// Lane-wise min and max: one instruction each with AVX (GCC's vector ternary compiles to a
+// compare and a blend). Where either is NaN, both return b.
+inline vf vmin(vf a, vf b) {
+#if defined(__AVX__)
+  return __builtin_ia32_minps256(a, b);
+#else
+  return a < b ? a : b;
+#endif
+}
+
+inline vf vmax(vf a, vf b) {
+#if defined(__AVX__)
+  return __builtin_ia32_maxps256(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
 
 // The first `n` lanes from p, zeros after (n <= L).
 inline vf load_n(const float* p, int64_t n) {
@@ -542,6 +579,407 @@ std::vector<at::Tensor> quadratic_backward(const at::Tensor& x, const at::Tensor
   return requested;
 }
 
+// c P(c^2) / Q(c^2) with c = u clamped to [-clamp, clamp] (a NaN stays NaN), P and Q
+// given by their coefficients from the highest power down (Horner's rule): the odd part
+// of the two GELU fits below.
+template <size_t NP, size_t NQ>
+inline vf odd_rational(vf u, float clamp, const float (&p)[NP], const float (&q)[NQ]) {
+  const vf c = vmax(splat(-clamp), vmin(splat(clamp), u));
+  const vf v = c * c;
+  vf num = splat(p[0]);
+  for (size_t i = 1; i < NP; ++i) num = num * v + p[i];
+  vf den = splat(q[0]);
+  for (size_t i = 1; i < NQ; ++i) den = den * v + q[i];
+  return c * num / den;
+}
+
+// gelu(u) = u Phi(u), Phi(u) = 1/2 + c P(c^2) / Q(c^2) with c = u clamped to [-5.5, 5.5]
+// and Phi clamped to [0, 1]. The rational function was fitted (least squares reweighted
+// toward the minimax error, in double) to Phi(u) - 1/2 on [0, 5.5], plus a ramp of 3e-7 at
+// the end: it reaches 1/2 + 1.7e-7 there, so Phi is exactly 1 (0 below) beyond the clamp
+// and gelu(u) is u (0) there, as in float32 exact GELU. Error below 3e-7 |u| in float32;
+// no exp. Multiply-adds, min/max and one division: 1.4x the throughput of the previous
+// A&S 7.1.28 form (poly^-16) on Zen 3, and 3x more accurate. P's last coefficient is
+// about 1 / sqrt(2 pi), Phi'(0).
+constexpr float kPhiP[] = {7.4415493164260715e-06f, 4.156277350420871e-04f,
+                           6.185110634372833e-03f, 5.870831657358246e-02f,
+                           0.3989415613626975f};
+constexpr float kPhiQ[] = {6.096019477888626e-07f, 1.492627931386531e-04f,
+                           3.29361943709954e-03f,  4.2826902136052634e-02f,
+                           0.3138151480609739f,    1.f};
+
+inline vf gelu_fast_vec(vf u) {
+  const vf phi = odd_rational(u, 5.5f, kPhiP, kPhiQ) + 0.5f;
+  return u * vmax(splat(0.f), vmin(splat(1.f), phi));
+}
+
+// gelu'(u) = Phi(u) + u phi(u) = 1/2 + c P(c^2) / Q(c^2) with c = u clamped to [-6, 6]:
+// the odd part, fitted in double as for Phi above (degrees 5 and 5; a ramp of -1.35e-7
+// makes it 1/2 in float32 at the clamp, so gelu' is exactly 1 (0) for u >= 6 (u <= -6),
+// as the float32 exact derivative rounds). Error below 4.5e-7 absolute; no exp. P's last
+// coefficient is about 2 / sqrt(2 pi), gelu''(0).
+constexpr float kGeluGradP[] = {1.9085629787696234e-07f, 3.584895239328034e-05f,
+                                2.4214836230385117e-05f, 1.4208994805812836e-02f,
+                                -3.0742069706320763e-02f, 0.7978845238685608f};
+constexpr float kGeluGradQ[] = {8.886634532245807e-06f, 1.9352699746377766e-04f,
+                                3.5287656355649233e-03f, 4.1065093129873276e-02f,
+                                0.2948073744773865f,     1.f};
+
+inline vf gelu_grad_vec(vf u) { return odd_rational(u, 6.f, kGeluGradP, kGeluGradQ) + 0.5f; }
+
+// z = gelu(u), exactly as the forward computes it, and grad <- grad * gelu'(u).
+inline void gelu_vec(vf u, vf& z, vf& grad) {
+  z = gelu_fast_vec(u);
+  grad = grad * gelu_grad_vec(u);
+}
+
+// ---------------------------------------------------------------------------------------
+// Channel MLP at inference, x + fc2(GELU(fc1(LN(x)))) over the last dim, in chunks of rows:
+// each thread normalises a chunk, multiplies it by fc1 into a buffer that stays in its
+// cache, applies bias + GELU there and accumulates fc2's product into the output, which
+// already holds x + fc2's bias. Unchunked, the 4C-wide hidden activation goes to memory
+// and back three times (fc1's output, GELU in place, fc2's input), plus a pass each for
+// LayerNorm's output and the residual add: on maps with few channels (QuadraNet's stages
+// 1-2) those passes cost more than the chunks' smaller matrix products lose.
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+
+bool have_packed_gemm() {
+  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+         cblas_sgemm_compute != nullptr;
+}
+
+// C (rows x n) = beta C + A (rows x k) W^T for a row-major weight W (n x k), called from
+// inside a parallel region (the products run on the calling thread). With MKL's packed
+// API the weight is packed once for all chunks instead of once per call.
+class RowGemm {
+ public:
+  RowGemm(const at::Tensor& w, int64_t max_rows, bool pack)
+      : w_(w.contiguous()), n_(w.size(0)), k_(w.size(1)) {
+    if (pack && have_packed_gemm() && max_rows > 0) {
+      const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(max_rows), int(n_), int(k_));
+      packed_.resize((bytes + sizeof(float) - 1) / sizeof(float));
+      cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, int(max_rows), int(n_), int(k_), 1.f,
+                       w_.data_ptr<float>(), int(k_), packed_.data());
+    }
+  }
+
+  void run(int64_t rows, const float* a, float beta, float* c) const {
+    if (!packed_.empty()) {
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(rows), int(n_), int(k_), a, int(k_),
+                          packed_.data(), int(k_), beta, c, int(n_));
+      return;
+    }
+    const auto opt = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor at_ = at::from_blob(const_cast<float*>(a), {rows, k_}, opt);
+    at::Tensor ct = at::from_blob(c, {rows, n_}, opt);
+    if (beta == 0.f) {
+      at::mm_out(ct, at_, w_.t());
+    } else {
+      at::addmm_out(ct, ct, at_, w_.t());
+    }
+  }
+
+ private:
+  at::Tensor w_;
+  int64_t n_, k_;
+  Floats packed_;
+};
+
+// out = (x - mean) * rstd * w + b over one row of c values (w, b may be null).
+void normalize_row(const float* x, int64_t c, float mean, float rstd, const float* w,
+                   const float* b, float* out) {
+  for (int64_t j = 0; j < c; j += L) {
+    const int64_t n = std::min<int64_t>(L, c - j);
+    vf y = (load_n(x + j, n) - mean) * rstd;
+    if (w != nullptr) y *= load_n(w + j, n);
+    if (b != nullptr) y += load_n(b + j, n);
+    store_n(out + j, y, n);
+  }
+}
+
+// out = LayerNorm(x) over one row of c values (two passes over the row, in cache); the
+// row's mean and 1 / std go to *mean_out and *rstd_out where those are not null.
+void layer_norm_row(const float* x, int64_t c, const float* w, const float* b, float eps,
+                    float* out, float* mean_out = nullptr, float* rstd_out = nullptr) {
+  const int64_t full = c / L * L;
+  vf acc = {};
+  for (int64_t j = 0; j < full; j += L) acc += load(x + j);
+  float mean = 0.f;
+  for (int i = 0; i < L; ++i) mean += acc[i];
+  for (int64_t j = full; j < c; ++j) mean += x[j];
+  mean /= static_cast<float>(c);
+  acc = vf{};
+  for (int64_t j = 0; j < full; j += L) {
+    const vf d = load(x + j) - mean;
+    acc += d * d;
+  }
+  float var = 0.f;
+  for (int i = 0; i < L; ++i) var += acc[i];
+  for (int64_t j = full; j < c; ++j) var += (x[j] - mean) * (x[j] - mean);
+  const float rstd = 1.f / std::sqrt(var / static_cast<float>(c) + eps);
+  if (mean_out != nullptr) *mean_out = mean;
+  if (rstd_out != nullptr) *rstd_out = rstd;
+  normalize_row(x, c, mean, rstd, w, b, out);
+}
+
+// LayerNorm's backward over one row of c values from its saved statistics: with
+// xhat = (x - mean) rstd and dy = dn w, gx = rstd (dy - mean(dy) - xhat mean(dy xhat)),
+// plus res where not null (a residual's gradient); adds dn xhat to dlw and dn to dlb.
+void layer_norm_backward_row(const float* x, const float* dn, int64_t c, float mean, float rstd,
+                             const float* w, const float* res, float* gx, float* dlw,
+                             float* dlb) {
+  vf sum_dy = {}, sum_dy_xhat = {};
+  for (int64_t j = 0; j < c; j += L) {
+    const int64_t n = std::min<int64_t>(L, c - j);
+    const vf xhat = (load_n(x + j, n) - mean) * rstd, d = load_n(dn + j, n);
+    const vf dy = w != nullptr ? d * load_n(w + j, n) : d;
+    sum_dy += dy;
+    sum_dy_xhat += dy * xhat;
+    store_n(dlw + j, load_n(dlw + j, n) + d * xhat, n);
+    store_n(dlb + j, load_n(dlb + j, n) + d, n);
+  }
+  float a = 0.f, b = 0.f;
+  for (int i = 0; i < L; ++i) {
+    a += sum_dy[i];
+    b += sum_dy_xhat[i];
+  }
+  a /= static_cast<float>(c);
+  b /= static_cast<float>(c);
+  for (int64_t j = 0; j < c; j += L) {
+    const int64_t n = std::min<int64_t>(L, c - j);
+    const vf xhat = (load_n(x + j, n) - mean) * rstd, d = load_n(dn + j, n);
+    const vf dy = w != nullptr ? d * load_n(w + j, n) : d;
+    vf out = rstd * (dy - a - xhat * b);
+    if (res != nullptr) out += load_n(res + j, n);
+    store_n(gx + j, out, n);
+  }
+}
+
+const float* optional_data(const c10::optional<at::Tensor>& t, int64_t size, const char* name) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == size,
+              "channel MLP: ", name, " must be a contiguous float32 tensor of ", size,
+              " values, got ", t->scalar_type(), " ", t->sizes());
+  return t->data_ptr<float>();
+}
+
+// Checks x (..., C) and the weights fc1 (H, C), fc2 (C, H); returns {C, H, rows}.
+std::array<int64_t, 3> check_mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                                 const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.dim() >= 1,
+              name, ": expected a contiguous float32 CPU tensor (..., C), got ", x.scalar_type(),
+              " ", x.sizes());
+  const int64_t c = x.size(-1), hid = w1.size(0);
+  TORCH_CHECK(w1.scalar_type() == at::kFloat && w2.scalar_type() == at::kFloat &&
+                  w1.dim() == 2 && w2.dim() == 2 && w1.size(1) == c && w2.size(0) == c &&
+                  w2.size(1) == hid,
+              name, ": expected float32 weights fc1 (H, ", c, ") and fc2 (", c, ", H), got ",
+              w1.sizes(), " and ", w2.sizes());
+  return {c, hid, c > 0 ? x.numel() / c : 0};
+}
+
+// Rows per chunk: `chunk`, or 0 for about 512 KiB of hidden activation (the L2 size).
+int64_t chunk_rows(int64_t chunk, int64_t hid, int64_t rows) {
+  if (chunk <= 0) chunk = std::max<int64_t>(16, 131072 / std::max<int64_t>(hid, 1));
+  return std::max<int64_t>(1, std::min(chunk, rows));
+}
+
+// x's shape with the last dim replaced by n.
+std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+// out = (residual ? x : 0) + fc2(GELU(fc1(LN(x)))) by chunks of rows (see above). Where
+// not null, u (rows x H) receives fc1's output before GELU and mean / rstd (rows) the
+// LayerNorm statistics: what the training backward needs.
+void mlp_forward_chunks(const at::Tensor& x, const float* lw, const float* lb, float eps,
+                        const at::Tensor& w1, const float* b1, const at::Tensor& w2,
+                        const float* b2, bool residual, int64_t chunk, bool pack, float* out,
+                        float* u, float* mean, float* rstd) {
+  const int64_t c = x.size(-1), hid = w1.size(0), rows = x.numel() / c;
+  const RowGemm fc1(w1, chunk, pack), fc2(w2, chunk, pack);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
+    Floats nbuf(chunk * c), hbuf(chunk * hid);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * chunk, r = std::min(chunk, rows - r0);
+      for (int64_t i = 0; i < r; ++i) {
+        const int64_t row = r0 + i;
+        const float* xr = xp + row * c;
+        layer_norm_row(xr, c, lw, lb, eps, nbuf.data() + i * c, mean ? mean + row : nullptr,
+                       rstd ? rstd + row : nullptr);
+        for (int64_t j = 0; j < c; j += L) {
+          const int64_t n = std::min<int64_t>(L, c - j);
+          vf o = residual ? load_n(xr + j, n) : vf{};
+          if (b2 != nullptr) o += load_n(b2 + j, n);
+          store_n(out + row * c + j, o, n);
+        }
+      }
+      fc1.run(r, nbuf.data(), 0.f, hbuf.data());
+      for (int64_t i = 0; i < r; ++i) {
+        float* hr = hbuf.data() + i * hid;
+        float* ur = u ? u + (r0 + i) * hid : nullptr;
+        for (int64_t j = 0; j < hid; j += L) {
+          const int64_t n = std::min<int64_t>(L, hid - j);
+          vf uv = load_n(hr + j, n);
+          if (b1 != nullptr) uv += load_n(b1 + j, n);
+          if (ur != nullptr) store_n(ur + j, uv, n);
+          store_n(hr + j, gelu_fast_vec(uv), n);
+        }
+      }
+      fc2.run(r, hbuf.data(), 1.f, out + r0 * c);
+    }
+  });
+}
+
+// Returns (residual ? x : 0) + fc2(GELU(fc1(LN(x)))) for x (..., C) contiguous float32;
+// fc1: w1 (H, C), b1 (H); fc2: w2 (C, H), b2 (C) (a layer scale already folded in).
+// `chunk` rows per task (0: about 512 KiB of hidden activation per chunk). `pack`: multiply
+// by MKL-packed weights where libtorch exports that API (else, and with pack = false,
+// at::mm_out per chunk).
+at::Tensor mlp_inference(const at::Tensor& x, const c10::optional<at::Tensor>& ln_w,
+                         const c10::optional<at::Tensor>& ln_b, double eps, const at::Tensor& w1,
+                         const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                         const c10::optional<at::Tensor>& b2, bool residual, int64_t chunk,
+                         bool pack) {
+  const std::array<int64_t, 3> dims = check_mlp(x, w1, w2, "mlp_inference");
+  const int64_t c = dims[0], hid = dims[1], rows = dims[2];
+  const float* lw = optional_data(ln_w, c, "ln_weight");
+  const float* lb = optional_data(ln_b, c, "ln_bias");
+  const float* b1p = optional_data(b1, hid, "fc1 bias");
+  const float* b2p = optional_data(b2, c, "fc2 bias");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (rows == 0 || hid == 0) return residual ? out.copy_(x) : out.zero_();
+  mlp_forward_chunks(x, lw, lb, static_cast<float>(eps), w1, b1p, w2, b2p, residual,
+                     chunk_rows(chunk, hid, rows), pack, out.data_ptr<float>(), nullptr,
+                     nullptr, nullptr);
+  return out;
+}
+
+// The training forward of the same MLP: returns [out, u, mean, rstd] with u = fc1's output
+// before GELU (..., H) and the LayerNorm statistics (..., 1), as saved for backward.
+std::vector<at::Tensor> mlp_forward(const at::Tensor& x, const c10::optional<at::Tensor>& ln_w,
+                                    const c10::optional<at::Tensor>& ln_b, double eps,
+                                    const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                                    const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                                    bool residual, int64_t chunk) {
+  const std::array<int64_t, 3> dims = check_mlp(x, w1, w2, "mlp_forward");
+  const int64_t c = dims[0], hid = dims[1], rows = dims[2];
+  TORCH_CHECK(rows > 0 && hid > 0, "mlp_forward: empty input ", x.sizes());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor u = at::empty(with_last(x, hid), x.options());
+  at::Tensor mean = at::empty(with_last(x, 1), x.options());
+  at::Tensor rstd = at::empty(with_last(x, 1), x.options());
+  mlp_forward_chunks(x, optional_data(ln_w, c, "ln_weight"), optional_data(ln_b, c, "ln_bias"),
+                     static_cast<float>(eps), w1, optional_data(b1, hid, "fc1 bias"), w2,
+                     optional_data(b2, c, "fc2 bias"), residual, chunk_rows(chunk, hid, rows),
+                     true, out.data_ptr<float>(), u.data_ptr<float>(), mean.data_ptr<float>(),
+                     rstd.data_ptr<float>());
+  return {out, u, mean, rstd};
+}
+
+// Backward of mlp_forward by the same chunks, every activation-sized intermediate in cache:
+// per chunk dZ = G W2 (w2: fc2's weight with the layer scale folded in), Z and dU = dZ *
+// GELU'(U) in one pass, M += G^T Z, N = LN(x) from the saved statistics, dW1 += dU^T N,
+// dN = dU W1, then LayerNorm's backward row by row. Sums are kept per thread and added in
+// thread order. Returns [grad_x (+ grad where residual), grad_ln_weight, grad_ln_bias,
+// grad_w1, grad_b1, M = G^T Z (C, H), column sums of G (C)]; the caller forms fc2's and the
+// layer scale's gradients from M.
+std::vector<at::Tensor> mlp_backward(const at::Tensor& x, const at::Tensor& mean,
+                                     const at::Tensor& rstd, const at::Tensor& u,
+                                     const at::Tensor& grad, const c10::optional<at::Tensor>& ln_w,
+                                     const c10::optional<at::Tensor>& ln_b, const at::Tensor& w1,
+                                     const at::Tensor& w2, bool residual, int64_t chunk) {
+  const std::array<int64_t, 3> dims = check_mlp(x, w1, w2, "mlp_backward");
+  const int64_t c = dims[0], hid = dims[1], rows = dims[2];
+  TORCH_CHECK(rows > 0 && hid > 0, "mlp_backward: empty input ", x.sizes());
+  for (const at::Tensor* t : {&mean, &rstd, &u, &grad}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "mlp_backward: saved tensors and grad must be contiguous float32");
+  }
+  TORCH_CHECK(grad.sizes() == x.sizes() && u.numel() == rows * hid && mean.numel() == rows &&
+                  rstd.numel() == rows,
+              "mlp_backward: grad ", grad.sizes(), ", u ", u.sizes(), " and the statistics do ",
+              "not match x ", x.sizes());
+  const float* lw = optional_data(ln_w, c, "ln_weight");
+  const float* lb = optional_data(ln_b, c, "ln_bias");
+  chunk = chunk_rows(chunk, hid, rows);
+  const at::Tensor w1c = w1.contiguous();
+  const RowGemm dz_of_g(w2.t().contiguous(), chunk, true);  // G (r x C) W2 (C x H)
+  const RowGemm dn_of_du(w1c.t().contiguous(), chunk, true);  // dU (r x H) W1 (H x C)
+  const int64_t threads = at::get_num_threads();
+  const auto opt = x.options();
+  at::Tensor acc_m = at::zeros({threads, c, hid}, opt), acc_w1 = at::zeros({threads, hid, c}, opt);
+  // per thread, in double: db1 | dln_w | dln_b | column sums of G (in float per chunk)
+  at::Tensor acc_vec = at::zeros({threads, hid + 3 * c}, opt.dtype(at::kDouble));
+  at::Tensor grad_x = at::empty(x.sizes(), opt);
+  const float *xp = x.data_ptr<float>(), *gp = grad.data_ptr<float>(), *up = u.data_ptr<float>();
+  const float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  float* gxp = grad_x.data_ptr<float>();
+  at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads, "mlp_backward: thread ", tid, " of ", threads);
+    at::Tensor m_t = acc_m[tid], w1_t = acc_w1[tid];
+    double* total = acc_vec[tid].data_ptr<double>();
+    Floats vec(hid + 3 * c);
+    float *db1 = vec.data(), *dlw = db1 + hid, *dlb = dlw + c, *gsum = dlb + c;
+    Floats zbuf(chunk * hid), dubuf(chunk * hid), nbuf(chunk * c), dnbuf(chunk * c);
+    const auto fopt = at::TensorOptions().dtype(at::kFloat);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * chunk, r = std::min(chunk, rows - r0);
+      const float* g = gp + r0 * c;
+      std::fill(vec.begin(), vec.end(), 0.f);
+      dz_of_g.run(r, g, 0.f, dubuf.data());
+      for (int64_t i = 0; i < r; ++i) {
+        const float* ur = up + (r0 + i) * hid;
+        float *zr = zbuf.data() + i * hid, *dur = dubuf.data() + i * hid;
+        for (int64_t j = 0; j < hid; j += L) {
+          const int64_t n = std::min<int64_t>(L, hid - j);
+          vf zv, dv = load_n(dur + j, n);
+          gelu_vec(load_n(ur + j, n), zv, dv);
+          store_n(zr + j, zv, n);
+          store_n(dur + j, dv, n);
+          store_n(db1 + j, load_n(db1 + j, n) + dv, n);
+        }
+      }
+      const at::Tensor g_t = at::from_blob(const_cast<float*>(g), {r, c}, fopt);
+      const at::Tensor z_t = at::from_blob(zbuf.data(), {r, hid}, fopt);
+      const at::Tensor du_t = at::from_blob(dubuf.data(), {r, hid}, fopt);
+      const at::Tensor n_t = at::from_blob(nbuf.data(), {r, c}, fopt);
+      at::addmm_out(m_t, m_t, g_t.t(), z_t);
+      for (int64_t i = 0; i < r; ++i) {  // N = LN(x) from the saved statistics
+        const int64_t row = r0 + i;
+        normalize_row(xp + row * c, c, mp[row], rp[row], lw, lb, nbuf.data() + i * c);
+      }
+      at::addmm_out(w1_t, w1_t, du_t.t(), n_t);
+      dn_of_du.run(r, dubuf.data(), 0.f, dnbuf.data());
+      for (int64_t i = 0; i < r; ++i) {  // LayerNorm's backward, row by row
+        const int64_t row = r0 + i;
+        const float* gr = g + i * c;
+        layer_norm_backward_row(xp + row * c, dnbuf.data() + i * c, c, mp[row], rp[row], lw,
+                                residual ? gr : nullptr, gxp + row * c, dlw, dlb);
+        for (int64_t j = 0; j < c; j += L) {
+          const int64_t n = std::min<int64_t>(L, c - j);
+          store_n(gsum + j, load_n(gsum + j, n) + load_n(gr + j, n), n);
+        }
+      }
+      for (size_t j = 0; j < vec.size(); ++j) total[j] += vec[j];
+    }
+  });
+  const at::Tensor vec = acc_vec.sum(0).to(at::kFloat);
+  return {grad_x,
+          vec.narrow(0, hid, c),
+          vec.narrow(0, hid + c, c),
+          acc_w1.sum(0),
+          vec.narrow(0, 0, hid),
+          acc_m.sum(0),
+          vec.narrow(0, hid + 2 * c, c)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quadranet_cpu, m) {
@@ -551,9 +989,22 @@ TORCH_LIBRARY(quadranet_cpu, m) {
   m.def(
       "quadratic_backward(Tensor x, Tensor weight, Tensor a, Tensor b, Tensor grad, "
       "bool need_dx, bool need_dw, bool need_db) -> Tensor[]");
+  m.def(
+      "mlp_inference(Tensor x, Tensor? ln_weight, Tensor? ln_bias, float eps, Tensor w1, "
+      "Tensor? b1, Tensor w2, Tensor? b2, bool residual, int chunk=0, bool pack=True) -> Tensor");
+  m.def(
+      "mlp_forward(Tensor x, Tensor? ln_weight, Tensor? ln_bias, float eps, Tensor w1, "
+      "Tensor? b1, Tensor w2, Tensor? b2, bool residual, int chunk=0) -> Tensor[]");
+  m.def(
+      "mlp_backward(Tensor x, Tensor mean, Tensor rstd, Tensor u, Tensor grad, "
+      "Tensor? ln_weight, Tensor? ln_bias, Tensor w1, Tensor w2, bool residual, int chunk=0) "
+      "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(quadranet_cpu, CPU, m) {
   m.impl("quadratic_forward", &quadratic_forward);
   m.impl("quadratic_backward", &quadratic_backward);
+  m.impl("mlp_inference", &mlp_inference);
+  m.impl("mlp_forward", &mlp_forward);
+  m.impl("mlp_backward", &mlp_backward);
 }
