@@ -435,5 +435,6 @@ def test_channel_mlp_opcheck(monkeypatch):
         args = [t.to(dtype) for t in (x, lw, lb)]
         args = [args[0].detach().requires_grad_(), *args[1:], 1e-6]
         args += [t.to(dtype) for t in (w1, b1, w2, b2)]
-        for keep in (True, False):
-            opcheck(torch.ops.quadranet.channel_mlp, (*args, keep))
+        gamma = torch.rand(16, dtype=dtype)
+        for keep, g in ((True, gamma), (False, None)):
+            opcheck(torch.ops.quadranet.channel_mlp, (*args, g, keep))

@@ -100,17 +100,17 @@ def channel_mlp(
     """gamma * fc2(GELU(fc1(LayerNorm(x)))) over the last dim of x, as one operator (the
     chunked C++ kernels where they pay); keeps x, fc1's output and LN's statistics for
     backward. With `QUADRANET_KERNELS=off` plain PyTorch ops with autograd."""
-    if gamma is not None:  # the layer scale folded into fc2: no pass over the output
-        w2, b2 = w2 * gamma[:, None], None if b2 is None else b2 * gamma
     log = getattr(_recording, "log", None)
     if log is not None:
         shape = f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
         log.append((shape, policy.choose_mlp(x, w1.shape[0])))
     if mode() == "off":
         n = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
-        return F.linear(F.gelu(F.linear(n, w1, b1)), w2, b2)
+        y = F.linear(F.gelu(F.linear(n, w1, b1)), w2, b2)
+        return y if gamma is None else y * gamma
     keep = torch.is_grad_enabled()
-    return torch.ops.quadranet.channel_mlp(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, keep)[0]
+    args = (x, ln_weight, ln_bias, eps, w1, b1, w2, b2, gamma, keep)
+    return torch.ops.quadranet.channel_mlp(*args)[0]
 
 
 @dataclass

@@ -107,6 +107,21 @@ def _register_fakes() -> None:
         outs += [torch.empty_like(weight)] if need_dw else []
         return outs + ([weight.new_empty(weight.shape[0])] if need_db else [])
 
+    @torch.library.register_fake("quadranet_cpu::mlp_inference")
+    def _mlp_inference(x, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("quadranet_cpu::mlp_forward")
+    def _mlp_forward(x, ln_w, ln_b, eps, w1, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        stats = x.new_empty(*x.shape[:-1], 1)
+        return [torch.empty_like(x), x.new_empty(*x.shape[:-1], w1.shape[0]), stats, stats.clone()]
+
+    @torch.library.register_fake("quadranet_cpu::mlp_backward")
+    def _mlp_backward(x, mean, rstd, u, grad, ln_w, ln_b, w1, w2, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        c, hid = x.shape[-1], w1.shape[0]
+        return [torch.empty_like(x), x.new_empty(c), x.new_empty(c), torch.empty_like(w1),
+                x.new_empty(hid), x.new_empty(c, hid), x.new_empty(c)]  # fmt: skip
+
 
 def load() -> tuple[object | None, str]:
     """(the compiled ops or None, why there are none); builds once per process."""

@@ -1,15 +1,17 @@
 """`torch.ops.quadranet.channel_mlp`: fc2(GELU(fc1(LN(x)))) over the last dim, one operator.
 
-- `channel_mlp(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, keep) -> (out, u, mean, rstd)`:
+- `channel_mlp(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, gamma, keep) -> (out, u, mean, rstd)`:
   u = fc1's output before GELU and the LayerNorm statistics, kept for backward (empty when
   `keep` is False, at inference);
-- `channel_mlp_backward(grad, x, mean, rstd, u, ln_weight, ln_bias, w1, w2, b2_defined)
-  -> (dx, dln_weight, dln_bias, dw1, db1, dw2, db2)`: LayerNorm and GELU are recomputed.
+- `channel_mlp_backward(grad, x, mean, rstd, u, ln_weight, ln_bias, eps, w1, w2, b2, gamma)
+  -> (dx, dln_weight, dln_bias, dw1, db1, dw2, db2, dgamma)`: LayerNorm and GELU are
+  recomputed; the layer scale gamma is folded into fc2 inside the ops.
 
 Backends (`policy.choose_mlp`): the C++ kernels run the MLP over chunks of rows whose
 4C-wide hidden activation stays in cache (float32 CPU maps with few channels and a large
 hidden activation, where the whole-tensor products lose to the memory traffic); elsewhere
-the ATen reference below. A layer scale is folded into w2 and b2 by the caller.
+the ATen reference below. Both ops are `triton_op`s (bodies of torch ops), so torch.compile
+traces into the reference and sees the C++ kernels as calls.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.library import custom_op
+from torch.library import triton_op
 from torch.utils.flop_counter import register_flop_formula
 
 from quadranet.ops import policy
@@ -29,13 +31,20 @@ def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
+def _fold(w2: Tensor, b2: Tensor | None, gamma: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """fc2's weight and bias with the layer scale folded in (no pass over the output)."""
+    if gamma is None:
+        return w2, b2
+    return w2 * gamma[:, None], None if b2 is None else b2 * gamma
+
+
 def _reference_forward(x, ln_w, ln_b, eps, w1, b1, w2, b2):  # noqa: ANN001, ANN202
     n, mean, rstd = aten.native_layer_norm(x, [x.shape[-1]], ln_w, ln_b, eps)
     u = F.linear(n, w1, b1)
     return F.linear(F.gelu(u), w2, b2), u, mean, rstd
 
 
-@custom_op("quadranet::channel_mlp", mutates_args=())
+@triton_op("quadranet::channel_mlp", mutates_args=())
 def channel_mlp(
     x: Tensor,
     ln_weight: Tensor | None,
@@ -45,9 +54,11 @@ def channel_mlp(
     b1: Tensor | None,
     w2: Tensor,
     b2: Tensor | None,
+    gamma: Tensor | None,
     keep: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, u, mean, rstd); u and the statistics are empty unless `keep`."""
+    w2, b2 = _fold(w2, b2, gamma)
     if policy.choose_mlp(x, w1.shape[0]).backend == "reference":
         out, u, mean, rstd = _reference_forward(x, ln_weight, ln_bias, eps, w1, b1, w2, b2)
         return (out, u, mean, rstd) if keep else (out, _empty(x), _empty(x), _empty(x))
@@ -59,15 +70,7 @@ def channel_mlp(
     return out, u, mean, rstd
 
 
-@channel_mlp.register_fake
-def _(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, keep):  # noqa: ANN001, ANN202
-    if not keep:
-        return torch.empty_like(x), _empty(x), _empty(x), _empty(x)
-    stats = x.new_empty(*x.shape[:-1], 1)
-    return torch.empty_like(x), x.new_empty(*x.shape[:-1], w1.shape[0]), stats, stats.clone()
-
-
-@custom_op("quadranet::channel_mlp_backward", mutates_args=())
+@triton_op("quadranet::channel_mlp_backward", mutates_args=())
 def channel_mlp_backward(
     grad: Tensor,
     x: Tensor,
@@ -79,12 +82,16 @@ def channel_mlp_backward(
     eps: float,
     w1: Tensor,
     w2: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dln_weight, dln_bias, dw1, db1, dw2, db2); LN's are empty without its affine."""
+    b2: Tensor | None,
+    gamma: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dln_weight, dln_bias, dw1, db1, dw2, db2, dgamma); LN's are empty without its
+    affine, dgamma without a layer scale."""
     c = x.shape[-1]
+    w2s = _fold(w2, None, gamma)[0]
     if policy.choose_mlp(x, w1.shape[0]).backend == "cpu":
         outs = torch.ops.quadranet_cpu.mlp_backward(
-            x, mean, rstd, u, grad.contiguous(), ln_weight, ln_bias, w1, w2, False
+            x, mean, rstd, u, grad.contiguous(), ln_weight, ln_bias, w1, w2s, False
         )
         dx, dlw, dlb, dw1, db1, m, g_sum = outs
         dw2, db2 = m, g_sum
@@ -92,7 +99,7 @@ def channel_mlp_backward(
         g = grad.reshape(-1, c)
         u2 = u.reshape(-1, u.shape[-1])
         dw2, db2 = g.t() @ F.gelu(u2), g.sum(0)
-        du = aten.gelu_backward(g @ w2, u2)
+        du = aten.gelu_backward(g @ w2s, u2)
         n = F.layer_norm(x, (c,), ln_weight, ln_bias, eps).reshape(-1, c)
         dw1, db1 = du.t() @ n, du.sum(0)
         mask = [True, ln_weight is not None, ln_bias is not None]
@@ -101,41 +108,36 @@ def channel_mlp_backward(
         )
     dlw = dlw if ln_weight is not None else _empty(x)
     dlb = dlb if ln_bias is not None else _empty(x)
-    return dx, dlw.clone(), dlb.clone(), dw1, db1, dw2.contiguous(), db2.clone()
-
-
-@channel_mlp_backward.register_fake
-def _(grad, x, mean, rstd, u, ln_weight, ln_bias, eps, w1, w2):  # noqa: ANN001, ANN202
-    def like(t: Tensor | None) -> Tensor:
-        return _empty(x) if t is None else torch.empty_like(t)
-
-    hid = w1.shape[0]
-    return (torch.empty_like(x), like(ln_weight), like(ln_bias), torch.empty_like(w1),
-            x.new_empty(hid), torch.empty_like(w2), x.new_empty(x.shape[-1]))  # fmt: skip
+    dgamma = _empty(x)
+    if gamma is not None:  # dW2' = G^T Z and db2' = colsum(G) are for the folded fc2
+        dgamma = (dw2 * w2).sum(1) + (0 if b2 is None else db2 * b2)
+        dw2, db2 = dw2 * gamma[:, None], db2 * gamma
+    return dx, dlw.clone(), dlb.clone(), dw1, db1, dw2.contiguous(), db2.clone(), dgamma
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    x, ln_w, ln_b, eps, w1, b1, w2, b2, _ = inputs
+    x, ln_w, ln_b, eps, w1, b1, w2, b2, gamma, _ = inputs
     _, u, mean, rstd = output
     ctx.mark_non_differentiable(u, mean, rstd)
-    ctx.save_for_backward(x, mean, rstd, u, ln_w, ln_b, w1, b1, w2)
+    ctx.save_for_backward(x, mean, rstd, u, ln_w, ln_b, w1, b1, w2, b2, gamma)
     ctx.eps = eps
     ctx.defined = (ln_w is not None, ln_b is not None, b1 is not None, b2 is not None)
     ctx.setting = (policy.mode(), policy.forced_backend())
 
 
 def _backward(ctx, grad, _gu, _gm, _gr) -> tuple:  # noqa: ANN001
-    x, mean, rstd, u, ln_w, ln_b, w1, b1, w2 = ctx.saved_tensors
+    x, mean, rstd, u, ln_w, ln_b, w1, b1, w2, b2, gamma = ctx.saved_tensors
     if u.numel() == 0 and x.numel() > 0:  # run with keep=False: recompute what backward needs
         n, mean, rstd = aten.native_layer_norm(x, [x.shape[-1]], ln_w, ln_b, ctx.eps)
         u = F.linear(n, w1, b1)
     with policy.kernels(*ctx.setting):
-        dx, dlw, dlb, dw1, db1, dw2, db2 = torch.ops.quadranet.channel_mlp_backward(
-            grad, x, mean, rstd, u, ln_w, ln_b, ctx.eps, w1, w2
+        dx, dlw, dlb, dw1, db1, dw2, db2, dg = torch.ops.quadranet.channel_mlp_backward(
+            grad, x, mean, rstd, u, ln_w, ln_b, ctx.eps, w1, w2, b2, gamma
         )
     has_lw, has_lb, has_b1, has_b2 = ctx.defined
     return (dx, dlw if has_lw else None, dlb if has_lb else None, None, dw1,
-            db1 if has_b1 else None, dw2, db2 if has_b2 else None, None)  # fmt: skip
+            db1 if has_b1 else None, dw2, db2 if has_b2 else None,
+            dg if gamma is not None else None, None)  # fmt: skip
 
 
 channel_mlp.register_autograd(_backward, setup_context=_setup_context)
