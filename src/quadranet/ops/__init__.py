@@ -99,13 +99,15 @@ def channel_mlp(
 ) -> torch.Tensor:
     """gamma * fc2(GELU(fc1(LayerNorm(x)))) over the last dim of x, as one operator (the
     chunked C++ kernels where they pay); keeps x, fc1's output and LN's statistics for
-    backward. With `QUADRANET_KERNELS=off` plain PyTorch ops with autograd."""
+    backward. With `QUADRANET_KERNELS=off`, or under autocast, plain PyTorch ops with
+    autograd."""
     log = getattr(_recording, "log", None)
     if log is not None:
         shape = f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
         log.append((shape, policy.choose_mlp(x, w1.shape[0])))
-    if mode() == "off":
-        n = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+    if mode() == "off" or _autocast_dtype(x) is not None:  # plain ops (autocast casts them)
+        # fc1's width, not x's: a constant even when the model is traced for ONNX
+        n = F.layer_norm(x, (w1.shape[1],), ln_weight, ln_bias, eps)
         y = F.linear(F.gelu(F.linear(n, w1, b1)), w2, b2)
         return y if gamma is None else y * gamma
     keep = torch.is_grad_enabled()
