@@ -11,6 +11,7 @@ layer uses and why.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,13 @@ __all__ = [
 ]
 
 _recording = threading.local()
+
+
+def _record(x: torch.Tensor, choice: Callable[[], Choice]) -> None:
+    """Note x's shape and the backend choice while `explain` runs."""
+    log = getattr(_recording, "log", None)
+    if log is not None:
+        log.append((f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}", choice()))
 
 
 def quadratic_dwconv(
@@ -64,11 +72,7 @@ def quadratic_dwconv(
     dtype = _autocast_dtype(x)
     if dtype is not None and dtype != x.dtype:
         x = x.to(dtype)
-    log = getattr(_recording, "log", None)
-    if log is not None:
-        log.append(
-            (f"{tuple(x.shape)} {str(x.dtype)[6:]}", choose(x, weight, stride, padding, dilation))
-        )
+    _record(x, lambda: choose(x, weight, stride, padding, dilation))
     if mode() == "off":
         return reference.forward(x, weight, bias, gamma, residual, stride, padding, dilation)[0]
     keep = keep_branches and torch.is_grad_enabled()
@@ -101,10 +105,7 @@ def channel_mlp(
     chunked C++ kernels where they pay); keeps x, fc1's output and LN's statistics for
     backward. With `QUADRANET_KERNELS=off`, or under autocast, plain PyTorch ops with
     autograd."""
-    log = getattr(_recording, "log", None)
-    if log is not None:
-        shape = f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
-        log.append((shape, policy.choose_mlp(x, w1.shape[0])))
+    _record(x, lambda: policy.choose_mlp(x, w1.shape[0]))
     if mode() == "off" or _autocast_dtype(x) is not None:  # plain ops (autocast casts them)
         # fc1's width, not x's: a constant even when the model is traced for ONNX
         n = F.layer_norm(x, (w1.shape[1],), ln_weight, ln_bias, eps)

@@ -23,12 +23,9 @@ from torch.library import triton_op
 from torch.utils.flop_counter import register_flop_formula
 
 from quadranet.ops import policy
+from quadranet.ops.library import _empty
 
 aten = torch.ops.aten
-
-
-def _empty(x: Tensor) -> Tensor:
-    return x.new_empty(0)
 
 
 def _fold(w2: Tensor, b2: Tensor | None, gamma: Tensor | None) -> tuple[Tensor, Tensor | None]:
