@@ -3,8 +3,9 @@
 - which backend each block of quadranet36_t uses (`quadranet.ops.explain`);
 - FLOPs seen by `FlopCounterMode` with the Triton kernels on (published MACs);
 - `torch.compile(fullgraph=True)`: a training step (drop-path 0.1) and inference match
-  eager, in float32 and under bf16 autocast, with the compile time;
-- eager and compiled step times (CUDA events, one synchronisation per timing).
+  eager, in float32 and under bf16 autocast, with the compile time.
+
+Step times are `quadranet bench throughput --device cuda` (`quadranet.bench.steps`).
 
 `--device cpu --small` runs the same code at toy sizes (a dry run without a GPU).
 
@@ -67,25 +68,6 @@ def norm_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / (b.float().norm() + 1e-12)).item()
 
 
-def timed(fn, steps: int, device: str) -> float:  # noqa: ANN001
-    """Seconds per call: CUDA events around `steps` calls after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    if device.startswith("cuda"):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(steps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / steps
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t) / steps
-
-
 def check_explain_and_flops(args: argparse.Namespace) -> None:
     model = model_on(args.model, args.device).eval()
     x = images(1, args.size, args.device)
@@ -122,64 +104,25 @@ def check_compile(args: argparse.Namespace, dtype: torch.dtype) -> None:
          grad_norm_err=grad_err, eval_rel_err=out_err, compile_s=compile_s)  # fmt: skip
 
 
-def check_speed(args: argparse.Namespace, name: str, dtype: torch.dtype, compile: bool) -> None:
-    model = model_on(name, args.device, drop_path=0.1)
-    run = torch.compile(model, fullgraph=name.startswith("quadranet")) if compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device.startswith("cuda"))
-    x = images(args.train_batch, args.size, args.device)
-    target = torch.randint(0, 1000, (args.train_batch,), device=args.device)
-    amp = dict(device_type=x.device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    def train() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(**amp):
-            F.cross_entropy(run(x), target).backward()
-        opt.step()
-
-    t = time.perf_counter()
-    train_s = timed(train, args.steps, args.device)
-    model.eval()
-    xi = images(args.batch, args.size, args.device)
-
-    def infer() -> None:
-        with torch.no_grad(), torch.autocast(**amp):
-            run(xi)
-
-    infer_s = timed(infer, args.steps, args.device)
-    emit(args.out, check="speed", model=name, dtype=str(dtype), compiled=compile,
-         train_ips=args.train_batch / train_s, infer_ips=args.batch / infer_s,
-         train_batch=args.train_batch, batch=args.batch,
-         wall_s=time.perf_counter() - t)  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="toy sizes (a CPU dry run)")
     p.add_argument("--out", type=Path, default=None, help="JSON-lines file to append to")
-    p.add_argument("--skip-compile-speed", action="store_true")
     args = p.parse_args(argv)
     small = args.small
     args.model = "quadranet25_xxs" if small else "quadranet36_t"
     args.compile_model = "quadranet25_xxs"
     args.size = 64 if small else 224
     args.compile_batch = 4 if small else 32
-    args.train_batch, args.batch = (4, 8) if small else (128, 256)
-    args.steps = 2 if small else 20
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = True
     if args.device.startswith("cuda"):
         emit(args.out, check="device", name=torch.cuda.get_device_name(), torch=torch.__version__)
     check_explain_and_flops(args)
-    speed_models = ["quadranet25_xxs"] if small else ["quadranet36_t", "hornet_t", "convnext_tiny"]
-    for dtype in (torch.bfloat16, torch.float32):  # eager timings first: they are quick
-        for name in speed_models:
-            check_speed(args, name, dtype, compile=False)
     for dtype in (torch.float32, torch.bfloat16):
         check_compile(args, dtype)
-    if not args.skip_compile_speed:
-        check_speed(args, speed_models[0], torch.bfloat16, compile=True)
     return 0
 
 

@@ -7,6 +7,13 @@ on CUDA) and off (the reference), then one whole quadranet36_t training step (dr
 AdamW) and inference batch with the kernels on and off. CPU: median of `--repeats` calls
 after warm-up; CUDA: `triton.testing.do_bench`.
 
+Each conv case is also timed as three plain depthwise convolutions (cuDNN on CUDA, oneDNN
+on CPU: forward, or `convolution_backward` giving dx, dW and db of each), the baseline a
+fused kernel has to beat, and on CUDA set against its floors: the memory floor (the bytes
+the op must move at the copy bandwidth measured in the same run: x in and y, a, b out;
+x, a, b, g in and dx out for backward) and the arithmetic floor (its multiply-adds at the
+GPU's nominal float32 rate, 128 lanes x 2 FLOPs x clock per multiprocessor).
+
     python benchmarks/kernels.py --device cpu --threads 2 --output results/kernels
 """
 
@@ -53,7 +60,8 @@ def timer(device: str, repeats: int) -> Callable[[Callable[[], Any]], float]:
     return measure
 
 
-def op_cases(batch: int, c: int, size: int, device: str, dtype: torch.dtype) -> dict[str, Callable]:
+def op_cases(batch: int, c: int, size: int, device: str, dtype: torch.dtype) -> dict[str, tuple]:
+    """what -> (op call, three plain depthwise convs, bytes moved at least, FLOPs)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c, size, size, generator=gen).to(device, dtype)
     x = x.contiguous(memory_format=CL)
@@ -65,13 +73,60 @@ def op_cases(batch: int, c: int, size: int, device: str, dtype: torch.dtype) -> 
         torch.ops.quadranet.quadratic_dwconv_backward,
     )
     _, a, bb = op(x, w, b, gamma, None, *GEOMETRY, True)
+    plain_w = [t.to(dtype).contiguous() for t in w.view(c, 3, 1, KERNEL, KERNEL).unbind(1)]
+    plain_b = [t.to(dtype).contiguous() for t in b.view(c, 3).unbind(1)]
+
+    def plain_forward() -> None:
+        for wi, bi in zip(plain_w, plain_b, strict=True):
+            F.conv2d(x, wi, bi, 1, KERNEL // 2, 1, c)
+
+    def plain_backward() -> None:
+        for wi in plain_w:
+            torch.ops.aten.convolution_backward(
+                grad, x, wi, [c], *GEOMETRY, False, [0, 0], c, [True, True, True]
+            )
+
+    e, item = x.numel(), x.element_size()
+    macs = 3 * KERNEL * KERNEL * e
     return {
-        "forward, training (y, a, b)": lambda: op(x, w, b, gamma, None, *GEOMETRY, True),
-        "forward, inference (y)": lambda: op(x, w, b, gamma, None, *GEOMETRY, False),
-        "backward (dx, dW, db, dgamma)": lambda: backward(
-            grad, x, w, b, gamma, a, bb, *GEOMETRY, [True] * 4
+        "forward, training (y, a, b)": (
+            lambda: op(x, w, b, gamma, None, *GEOMETRY, True), plain_forward, 4 * e * item,
+            2 * macs,
         ),
-    }
+        "forward, inference (y)": (
+            lambda: op(x, w, b, gamma, None, *GEOMETRY, False), plain_forward, 2 * e * item,
+            2 * macs,
+        ),
+        "backward (dx, dW, db, dgamma)": (
+            lambda: backward(grad, x, w, b, gamma, a, bb, *GEOMETRY, [True] * 4),
+            plain_backward, 5 * e * item, 4 * macs,
+        ),
+    }  # fmt: skip
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
+    from triton.testing import do_bench
+
+    src = torch.empty(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src)) / 1e3)
+
+
+def fp32_flops() -> float | None:
+    """Nominal float32 FLOP/s of the GPU: multiprocessors x 128 lanes x 2 x max SM clock."""
+    import subprocess
+
+    try:
+        mhz = subprocess.run(
+            ["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits", "-i",
+             str(torch.cuda.current_device())],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()[0]  # fmt: skip
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return None
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return sms * 128 * 2 * float(mhz) * 1e6
 
 
 def model_steps(batch: int, train_batch: int, device: str, dtype: torch.dtype) -> dict:
@@ -115,17 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = timer(args.device, args.repeats)
+    cuda = args.device.startswith("cuda")
+    bandwidth = copy_bandwidth() if cuda else None
+    flops = fp32_flops() if cuda else None
     rows = []
     for name in args.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         cases = []
         for c, size in STAGES:
             shape = f"{args.batch}x{size}x{size}x{c}"
-            cases += [(what, shape, fn) for what, fn in
+            cases += [(what, shape, *case) for what, case in
                       op_cases(args.batch, c, size, args.device, dtype).items()]  # fmt: skip
         steps = model_steps(args.infer_batch, args.step_batch, args.device, dtype)
-        cases += [(what, "224x224", fn) for what, fn in steps.items()]
-        for what, shape, fn in cases:
+        cases += [(what, "224x224", fn, None, None, None) for what, fn in steps.items()]
+        for what, shape, fn, plain, nbytes, nflops in cases:
             times = {}
             for on in (False, True, False, True):  # alternate; keep the faster of each
                 with ops.kernels(MODES[on]):
@@ -134,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=name, what=what, shape=shape, ref_ms=times[False], kernel_ms=times[True]
             )
             row["speedup"] = times[False] / times[True]
+            if plain is not None:
+                row["plain_ms"] = bench(plain)
+                row["vs_plain"] = row["plain_ms"] / times[True]
+            if nbytes is not None and bandwidth:
+                row["mem_floor_pct"] = 100 * nbytes / bandwidth / (times[True] / 1e3)
+            if nflops is not None and flops:
+                row["flop_floor_pct"] = 100 * nflops / flops / (times[True] / 1e3)
             print(row, flush=True)
             rows.append(row)
     cols = [
@@ -143,14 +208,23 @@ def main(argv: list[str] | None = None) -> int:
         Column("ref_ms", "reference (ms)", "{:.2f}"),
         Column("kernel_ms", "kernels (ms)", "{:.2f}"),
         Column("speedup", "speed-up", "{:.2f}x"),
+        Column("plain_ms", "3 plain dw convs (ms)", "{:.2f}"),
+        Column("vs_plain", "plain / kernels", "{:.2f}x"),
     ]
+    if cuda:
+        cols += [
+            Column("mem_floor_pct", "% of memory floor", "{:.0f}%"),
+            Column("flop_floor_pct", "% of fp32 arithmetic floor", "{:.0f}%"),
+        ]
     if args.device.startswith("cuda"):
         where = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+        where += f", copy bandwidth {bandwidth / 1e12:.2f} TB/s"
+        where += f", nominal fp32 {flops / 1e12:.1f} TFLOP/s" if flops else ""
     else:
         where = machine_info(torch.get_num_threads())
     command = " ".join(["python benchmarks/kernels.py", *(sys.argv[1:] if argv is None else argv)])
-    text = (f"# Depthwise quadratic conv: kernels vs the ATen reference\n\n{where}; "
-            f"`{command}`.\n\n" + markdown_table(rows, cols))  # fmt: skip
+    title = "# Depthwise quadratic conv: kernels vs the ATen reference and plain convs"
+    text = f"{title}\n\n{where}; `{command}`.\n\n" + markdown_table(rows, cols)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.md").write_text(text)

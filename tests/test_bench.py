@@ -85,24 +85,42 @@ def test_throughput_bench_end_to_end(tmp_path, capsys):
     assert raw["gemm"]["median"] > 0 and len(raw["rounds"]["reference"]) == 1
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_throughput_bench_on_cuda(tmp_path, capsys):
-    args = ["bench", "throughput", "--models", "quadranet36_t,reference", "--img-size", "32"]
-    args += ["--batch", "2", "--train-batch", "2", "--rounds", "1", "--gemm-size", "256"]
-    args += ["--device", "cuda", "--settle", "0", "--output", str(tmp_path), *TINY]
+def test_step_bench_modes_on_cpu(tmp_path, capsys):
+    """The step benchmark's code path (CUDA's default) at toy sizes on the CPU: one row per
+    mode and model, ratios within a mode, a report naming the device."""
+    args = ["bench", "throughput", "--modes", "eager", "--models", "quadranet25_xxs,hornet_t"]
+    args += ["--img-size", "32", "--batch", "2", "--train-batch", "2", "--steps", "1"]
+    args += ["--warmup", "1", "--output", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "peak train memory (MiB)" in out and "peak train RSS" not in out
-    assert torch.cuda.get_device_name() in out and "allow_tf32=" in out
-    rows = {r["model"]: r for r in read_csv(tmp_path / "throughput.csv")}
-    assert list(rows) == ["quadranet36_t", "reference"]
-    for r in rows.values():
-        for key in ("infer_ips", "train_ips", "peak_train_mib", "infer_gemm_pct"):
-            assert float(r[key]) > 0, key
-    raw = json.loads((tmp_path / "throughput_rounds.json").read_text())
-    assert raw["device"] == "cuda" and raw["gemm"]["median"] > 0
-    assert raw["rounds"]["quadranet36_t"][0]["device"] == "cuda"
+    assert "Training and inference steps on CPU (fp32)" in out
+    rows = read_csv(tmp_path / "steps_fp32.csv")
+    assert [(r["mode"], r["model"]) for r in rows] == [
+        ("eager", "quadranet25_xxs"),
+        ("eager", "hornet_t"),
+    ]
+    for r in rows:
+        assert float(r["train_ips"]) > 0 and float(r["infer_ips"]) > 0
+    assert float(rows[1]["train_vs_hornet_t"]) == 1.0
+    assert (tmp_path / "steps_fp32.png").stat().st_size > 0
+    # CUDA graphs need a GPU: a clear error, no traceback
+    assert main(args[:3] + ["graph"] + args[4:]) == 2
+    assert "need --device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_step_bench_on_cuda(tmp_path, capsys):
+    args = ["bench", "throughput", "--device", "cuda", "--models", "quadranet36_t,hornet_t"]
+    args += ["--img-size", "64", "--batch", "4", "--train-batch", "4", "--steps", "2"]
+    args += ["--precision", "bf16", "--modes", "eager,graph", "--output", str(tmp_path)]
+    assert main(args) == 0
+    assert torch.cuda.get_device_name() in capsys.readouterr().out
+    rows = read_csv(tmp_path / "steps_bf16.csv")
+    assert len(rows) == 4
+    for r in rows:
+        assert float(r["train_ips"]) > 0 and int(r["train_launches"]) > 0
+        assert float(r["peak_alloc_mib"]) > 0
 
 
 def test_measure_model_and_gemms_in_process():

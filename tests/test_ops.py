@@ -438,3 +438,54 @@ def test_channel_mlp_opcheck(monkeypatch):
         gamma = torch.rand(16, dtype=dtype)
         for keep, g in ((True, gamma), (False, None)):
             opcheck(torch.ops.quadranet.channel_mlp, (*args, g, keep))
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts dispatched ops, including those inside the bodies of the `quadranet::` ops
+    (each one counts itself and then runs its Python body under this mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        # the Python bodies (CustomOpDef._init_fn, private: the op hides them otherwise)
+        self.bodies = {
+            str(d._opoverload): d._init_fn
+            for d in (
+                ops.library.quadratic_dwconv,
+                ops.library.quadratic_dwconv_backward,
+                ops.mlp.channel_mlp,
+                ops.mlp.channel_mlp_backward,
+            )
+        }
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        body = self.bodies.get(str(func))
+        if body is not None:
+            with self:
+                return body(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def test_block_dispatches_few_more_ops_than_a_convnext_block():
+    """Host overhead: a QuadraBlock's forward + backward (kernels on, layer scales, drop
+    path) dispatches at most 1.2x the ops of timm's ConvNeXt block at the same input."""
+    from timm.models.convnext import ConvNeXtBlock
+
+    if ops.choose(torch.zeros(1, 8, 4, 4).contiguous(memory_format=CL),
+                  torch.zeros(24, 1, 7, 7), (1, 1), (3, 3), (1, 1)).backend != "cpu":  # fmt: skip
+        pytest.skip("the C++ kernels are not built here")
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=CL)
+    counts = {}
+    blocks = {
+        "quadra": QuadraBlock(64, drop_path=0.1, layer_scale_init=1e-6),
+        "convnext": ConvNeXtBlock(64, drop_path=0.1),
+    }
+    for name, block in blocks.items():
+        block = block.to(memory_format=CL)
+        inp = x.clone().requires_grad_()
+        with _CountOps() as mode:
+            block(inp).sum().backward()
+        counts[name] = mode.count
+    assert counts["quadra"] <= 1.2 * counts["convnext"], counts

@@ -103,77 +103,89 @@ SHAPES = [  # n, c, h, w, k: partial tiles, two channel blocks, k = 3 ... 9
 IDS = ["x".join(map(str, s)) for s in SHAPES]
 
 
+def scaled(x, weight, bias, gamma):
+    """(y, a kept with gamma folded in, b) of y = gamma (a b + c), float64 definition."""
+    a, b, c = branches(x, weight, bias)
+    g = gamma.view(1, -1, 1, 1)
+    return g * (a * b + c), g * a, b
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_forward_matches_three_convs(tk, shape):
     x, weight, bias, residual = inputs(*shape)
-    a, b, c = branches(x, weight, bias)
-    args = [on_device(t) for t in (x, weight, bias)]
-    y, ya, yb, yc = tk.quadratic_forward(*args, True, True, True, True)
-    for got, want in zip((y, ya, yb, yc), (a * b + c, a, b, c), strict=True):
+    gamma = torch.rand(x.shape[1], dtype=x.dtype) + 0.5
+    args = [on_device(t) for t in (x, weight, bias, gamma)]
+    y, ya, yb = tk.quadratic_forward(*args, True, True)
+    for got, want in zip((y, ya, yb), scaled(x, weight, bias, gamma), strict=True):
         assert got.shape == x.shape and got.is_contiguous(memory_format=CL)
         close(got, want)
-    (y_res,) = tk.quadratic_forward(*args, True, False, False, False, on_device(residual))
-    close(y_res, residual + a * b + c)
-    (only_b,) = tk.quadratic_forward(args[0], args[1], None, False, False, True, False)
-    close(only_b, branches(x, weight, torch.zeros_like(bias))[1])
+    (y_res,) = tk.quadratic_forward(*args, True, False, on_device(residual))
+    close(y_res, residual + scaled(x, weight, bias, gamma)[0])
+    a, b = tk.quadratic_forward(args[0], args[1], None, None, False, True)
+    close(a, branches(x, weight, torch.zeros_like(bias))[0])
+    close(b, branches(x, weight, torch.zeros_like(bias))[1])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
-def test_backward_matches_autograd(tk, shape):
+@pytest.mark.parametrize("with_scale", [True, False], ids=["gamma", "no-gamma"])
+def test_backward_matches_autograd(tk, shape, with_scale):
     x, weight, bias, grad = inputs(*shape, seed=1)
+    gamma = torch.rand(x.shape[1], dtype=x.dtype) + 0.5 if with_scale else None
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    a, b, c = branches(*leaves)
-    expected = torch.autograd.grad(a * b + c, leaves, grad)
-    a, b = a.detach(), b.detach()
-    args = [on_device(t) for t in (x, weight, a, b, grad)]
-    got = tk.quadratic_backward(*args, True, True, True)
+    if with_scale:
+        leaves.append(gamma.clone().requires_grad_())
+    y, a, b = scaled(*leaves[:3], leaves[3] if with_scale else torch.ones_like(bias[::3]))
+    expected = torch.autograd.grad(y, leaves, grad)
+    args = [on_device(t) for t in (x, weight, bias)]
+    args += [on_device(gamma) if with_scale else None]
+    args += [on_device(t.detach()) for t in (a, b, grad)]
+    got = tk.quadratic_backward(*args, True, True, True, True)
+    assert len(got) == len(expected)
     for g, e in zip(got, expected, strict=True):
         assert g.shape == e.shape
         close(g, e)
-    # any subset of the gradients, in the order [dx, dweight, dbias]
-    for needs in [(True, False, False), (False, True, False), (False, False, True)]:
+    # any subset of the gradients, in the order [dx, dweight, dbias, dgamma]
+    for i in range(len(expected)):
+        needs = [j == i for j in range(4)]
         (g,) = tk.quadratic_backward(*args, *needs)
-        close(g, expected[needs.index(True)])
+        close(g, expected[i])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_keeps_dtypes_and_sums_in_float32(tk, dtype):
+def test_half_maps_with_float32_weights(tk, dtype):
+    """Half-precision maps with float32 weight, bias and layer scale (what autocast gives):
+    maps keep their dtype, parameter gradients the parameters'."""
     x, weight, bias, grad = inputs(2, 12, 9, 9, 7, seed=2)
-    x, weight, bias, grad = (t.to(dtype).double() for t in (x, weight, bias, grad))
-    a, b, c = branches(x, weight, bias)
-    y, ya, yb = tk.quadratic_forward(
-        *(on_device(t, dtype) for t in (x, weight, bias)), True, True, True, False
-    )
+    gamma = torch.rand(12, dtype=x.dtype) + 0.5
+    x, grad = (t.to(dtype).double() for t in (x, grad))
+    params = [on_device(t) for t in (weight, bias, gamma)]
+    y, ya, yb = tk.quadratic_forward(on_device(x, dtype), *params, True, True)
     assert y.dtype == ya.dtype == dtype
-    close(y, a * b + c, rtol=1e-2)  # one rounding of the output
-    dx, dw, db = tk.quadratic_backward(
-        *(on_device(t, dtype) for t in (x, weight)),
-        ya,
-        yb,
-        on_device(grad, dtype),
-        True,
-        True,
-        True,
+    close(y, scaled(x, weight, bias, gamma)[0], rtol=1e-2)  # one rounding of the output
+    dx, dw, db, dg = tk.quadratic_backward(
+        on_device(x, dtype), *params, ya, yb, on_device(grad, dtype), True, True, True, True
     )
-    assert dx.dtype == dw.dtype == db.dtype == dtype
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    a, b, c = branches(*leaves)
-    expected = torch.autograd.grad(a * b + c, leaves, grad)
-    for got, want in zip((dx, dw, db), expected, strict=True):
-        close(got, want, rtol=3e-2)  # ga, gb and a, b are rounded to the half type
+    assert dx.dtype == dtype and dw.dtype == db.dtype == dg.dtype == torch.float32
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, gamma)]
+    expected = torch.autograd.grad(scaled(*leaves)[0], leaves, grad)
+    for got, want in zip((dx, dw, db, dg), expected, strict=True):
+        close(got, want, rtol=3e-2)  # a and b are rounded to the half type
 
 
 def test_empty_batch_and_bad_input(tk):
     x, weight, bias, grad = (on_device(t) for t in inputs(0, 5, 4, 4, 3))
-    y, a, b = tk.quadratic_forward(x, weight, bias, True, True, True, False)
+    gamma = torch.ones(5, device=DEVICE)
+    y, a, b = tk.quadratic_forward(x, weight, bias, gamma, True, True)
     assert y.shape == x.shape
-    dx, dw, db = tk.quadratic_backward(x, weight, a, b, grad, True, True, True)
-    assert dx.shape == x.shape and not dw.any() and not db.any()
+    dx, dw, db, dg = tk.quadratic_backward(
+        x, weight, bias, gamma, a, b, grad, True, True, True, True
+    )
+    assert dx.shape == x.shape and not dw.any() and not db.any() and not dg.any()
     nchw = torch.randn(1, 5, 4, 4, device=DEVICE)
     with pytest.raises(ValueError, match="channels-last"):
-        tk.quadratic_forward(nchw, weight, bias, True, False, False, False)
+        tk.quadratic_forward(nchw, weight, bias, None, True, False)
     with pytest.raises(ValueError, match="odd k"):
-        tk.quadratic_forward(x, weight[:, :, :2, :2], None, True, False, False, False)
+        tk.quadratic_forward(x, weight[:, :, :2, :2], None, None, True, False)
 
 
 def block_step(block, x, grad):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -383,8 +384,47 @@ def _panels(rows: list[dict[str, Any]], device: str = "cpu") -> list[Panel]:
     ]
 
 
+def _cmd_steps(args: argparse.Namespace) -> int:
+    """The step benchmark (`quadranet.bench.steps`): CUDA, or CPU with --modes."""
+    from quadranet.bench import steps
+
+    device = check_device(args.device)
+    cuda = device.startswith("cuda")
+    modes = args.modes or (list(steps.MODES) if cuda else ["eager"])
+    steps.check_modes(modes, device)
+    batch = args.batch or (256 if cuda else 32)
+    train_batch = args.train_batch or (128 if cuda else 16)
+    rows = steps.run_steps_bench(
+        models=args.models,
+        modes=modes,
+        img_size=args.img_size,
+        batch=batch,
+        train_batch=train_batch,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=device,
+        drop_path_rate=args.drop_path,
+        threads=args.threads,
+    )
+    settings = dict(
+        vars_json(args), batch=batch, train_batch=train_batch, modes=modes,
+        command="quadranet " + " ".join(sys.argv[1:]),
+    )  # fmt: skip
+    paths = steps.write_steps_report(rows, args.output, settings)
+    json_path = Path(args.output) / f"steps_{args.precision}.json"
+    json_path.write_text(json.dumps(dict(settings=settings, rows=rows), indent=1))
+    print(paths["md"].read_text())
+    print(f"wrote {', '.join(str(p) for p in [*paths.values(), json_path])}")
+    return 0
+
+
 def _cmd_throughput(args: argparse.Namespace) -> int:
+    if args.modes is not None or args.device.startswith("cuda"):
+        return _cmd_steps(args)
     threads = args.threads or torch.get_num_threads()
+    args.batch, args.train_batch = args.batch or 32, args.train_batch or 16
     rows, raw = run_throughput_bench(
         models=args.models,
         img_size=args.img_size,
@@ -489,8 +529,24 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
         help="comma-separated timm/QuadraNet names, or 'reference' (unfused QuadraNet36-T)",
     )
     p.add_argument("--img-size", type=int, default=224, help="input side")
-    p.add_argument("--batch", type=int, default=32, help="inference batch")
-    p.add_argument("--train-batch", type=int, default=16, help="training batch")
+    p.add_argument(
+        "--batch", type=int, default=None, help="inference batch (default: 32 on CPU, 256 on CUDA)"
+    )
+    p.add_argument(
+        "--train-batch",
+        type=int,
+        default=None,
+        help="training batch (default: 16 on CPU, 128 on CUDA)",
+    )
+    p.add_argument(
+        "--modes",
+        type=_name_list,
+        default=None,
+        help="step benchmark modes, compared within a mode: eager, graph (whole step in one "
+        "CUDA graph), compile, compile-graph (default on CUDA: all four; on the CPU without "
+        "--modes: the Table I benchmark)",
+    )
+    p.add_argument("--steps", type=int, default=20, help="timed steps per mode (step benchmark)")
     p.add_argument(
         "--precision",
         choices=PRECISIONS,

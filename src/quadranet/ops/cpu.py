@@ -98,14 +98,15 @@ def _register_fakes() -> None:
         return torch.empty_like(x, memory_format=torch.channels_last)
 
     @torch.library.register_fake("quadranet_cpu::quadratic_forward")
-    def _forward(x, weight, bias, want_y, want_a, want_b, want_c, residual=None):  # noqa: ANN001
-        return [like(x) for want in (want_y, want_a, want_b, want_c) if want]
+    def _forward(x, weight, bias, gamma, want_y, want_ab, residual=None):  # noqa: ANN001
+        return [like(x) for want in (want_y, want_ab, want_ab) if want]
 
     @torch.library.register_fake("quadranet_cpu::quadratic_backward")
-    def _backward(x, weight, a, b, grad, need_dx, need_dw, need_db):  # noqa: ANN001
+    def _backward(x, weight, bias, gamma, a, b, grad, need_dx, need_dw, need_db, need_dg):  # noqa: ANN001
         outs = [like(x)] if need_dx else []
         outs += [torch.empty_like(weight)] if need_dw else []
-        return outs + ([weight.new_empty(weight.shape[0])] if need_db else [])
+        outs += [weight.new_empty(weight.shape[0])] if need_db else []
+        return outs + ([weight.new_empty(x.shape[1])] if need_dg and gamma is not None else [])
 
     @torch.library.register_fake("quadranet_cpu::mlp_inference")
     def _mlp_inference(x, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003

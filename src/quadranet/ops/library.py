@@ -61,13 +61,11 @@ def quadratic_dwconv(
     if backend == "reference":
         y, a, b = reference.forward(x, weight, bias, gamma, residual, stride, padding, dilation)
         return (y, a, b) if keep_branches else (y, _empty(x), _empty(x))
-    w, b_ = reference.fold(weight, bias, gamma)
     fuse = residual is not None and residual.dtype == x.dtype and residual.shape == x.shape
     fuse = fuse and residual.is_contiguous(memory_format=torch.channels_last)
     outs = _kernel_module(backend).quadratic_forward(
-        x, w.contiguous(), b_, True, keep_branches, keep_branches, False,
-        residual if fuse else None,
-    )  # fmt: skip
+        x, weight, bias, gamma, True, keep_branches, residual if fuse else None
+    )
     y = outs[0] if residual is None or fuse else outs[0] + residual
     return (y, outs[1], outs[2]) if keep_branches else (y, _empty(x), _empty(x))
 
@@ -90,25 +88,28 @@ def quadratic_dwconv_backward(
     stride, padding, dilation = _pairs(stride, padding, dilation)
     need_dx, need_dw, need_db, need_dg = (bool(m) for m in output_mask)
     need_dg = need_dg and gamma is not None
-    want_dw = need_dw or need_dg
-    want_db = bias is not None and (need_db or need_dg)
     backend = policy.choose(x, weight, stride, padding, dilation).backend
-    w, b_ = reference.fold(weight, bias, gamma)
     if backend == "reference":
+        w, b_ = reference.fold(weight, bias, gamma)
         if a.numel() == 0 and x.numel() > 0:
             a, b = reference.branches(x, w, b_, stride, padding, dilation, (0, 1))
+        want_dw, want_db = need_dw or need_dg, bias is not None and (need_db or need_dg)
         dx, dw, db = reference.backward(
             grad, x, w, b_, a, b, stride, padding, dilation, need_dx, want_dw, want_db
         )
-    else:
+        dw, db, dg = reference.unfold_grads(dw, db, weight, bias, gamma)
+    else:  # the kernels take the unfolded weights and return the final gradients
         ops = _kernel_module(backend)
-        w = w.contiguous()
         if a.numel() == 0 and x.numel() > 0:
-            a, b = ops.quadratic_forward(x, w, b_, False, True, True, False, None)
-        grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        outs = iter(ops.quadratic_backward(x, w, a, b, grad, need_dx, want_dw, want_db))
-        dx, dw, db = (next(outs) if want else None for want in (need_dx, want_dw, want_db))
-    dw, db, dg = reference.unfold_grads(dw, db, weight, bias, gamma)
+            a, b = ops.quadratic_forward(x, weight, bias, gamma, False, True, None)
+        if grad.dtype != x.dtype:
+            grad = grad.to(x.dtype)
+        if not grad.is_contiguous(memory_format=torch.channels_last):
+            grad = grad.contiguous(memory_format=torch.channels_last)
+        need_db = need_db and bias is not None
+        wanted = (need_dx, need_dw, need_db, need_dg)
+        outs = iter(ops.quadratic_backward(x, weight, bias, gamma, a, b, grad, *wanted))
+        dx, dw, db, dg = (next(outs) if want else None for want in wanted)
     return tuple(
         t if t is not None and want else _empty(x)
         for t, want in ((dx, need_dx), (dw, need_dw), (db, need_db), (dg, need_dg))
@@ -119,6 +120,7 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     x, weight, bias, gamma, residual, stride, padding, dilation, _ = inputs
     _, a, b = output
     ctx.mark_non_differentiable(a, b)
+    ctx.set_materialize_grads(False)  # no zero gradients made for a and b
     ctx.save_for_backward(x, weight, bias, gamma, a, b)
     ctx.conv_args = (stride, padding, dilation)
     ctx.has_residual = residual is not None
@@ -127,6 +129,8 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
 
 
 def _backward(ctx, grad_y: Tensor, _grad_a: Tensor, _grad_b: Tensor) -> tuple:  # noqa: ANN001
+    if grad_y is None:  # only the non-differentiable outputs were used
+        return (None,) * 9
     x, weight, bias, gamma, a, b = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2] and bias is not None, need[3] and gamma is not None]

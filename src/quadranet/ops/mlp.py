@@ -85,19 +85,20 @@ def channel_mlp_backward(
     """(dx, dln_weight, dln_bias, dw1, db1, dw2, db2, dgamma); LN's are empty without its
     affine, dgamma without a layer scale."""
     c = x.shape[-1]
-    w2s = _fold(w2, None, gamma)[0]
+    col = None if gamma is None else gamma[:, None]
+    w2s = w2 if col is None else w2 * col
     if policy.choose_mlp(x, w1.shape[0]).backend == "cpu":
         outs = torch.ops.quadranet_cpu.mlp_backward(
             x, mean, rstd, u, grad.contiguous(), ln_weight, ln_bias, w1, w2s, False
         )
-        dx, dlw, dlb, dw1, db1, m, g_sum = outs
-        dw2, db2 = m, g_sum
+        dx, dlw, dlb, dw1, db1, dw2, db2 = outs
+        dlw, dlb, db2 = dlw.clone(), dlb.clone(), db2.clone()  # views of one buffer
     else:
         g = grad.reshape(-1, c)
         u2 = u.reshape(-1, u.shape[-1])
         dw2, db2 = g.t() @ F.gelu(u2), g.sum(0)
         du = aten.gelu_backward(g @ w2s, u2)
-        n = F.layer_norm(x, (c,), ln_weight, ln_bias, eps).reshape(-1, c)
+        n = aten.native_layer_norm(x, [c], ln_weight, ln_bias, eps)[0].reshape(-1, c)
         dw1, db1 = du.t() @ n, du.sum(0)
         mask = [True, ln_weight is not None, ln_bias is not None]
         dx, dlw, dlb = aten.native_layer_norm_backward(
@@ -107,15 +108,18 @@ def channel_mlp_backward(
     dlb = dlb if ln_bias is not None else _empty(x)
     dgamma = _empty(x)
     if gamma is not None:  # dW2' = G^T Z and db2' = colsum(G) are for the folded fc2
-        dgamma = (dw2 * w2).sum(1) + (0 if b2 is None else db2 * b2)
-        dw2, db2 = dw2 * gamma[:, None], db2 * gamma
-    return dx, dlw.clone(), dlb.clone(), dw1, db1, dw2.contiguous(), db2.clone(), dgamma
+        dgamma = (dw2 * w2).sum(1)
+        if b2 is not None:
+            dgamma = torch.addcmul(dgamma, db2, b2)
+        dw2, db2 = dw2 * col, db2 * gamma
+    return dx, dlw, dlb, dw1, db1, dw2.contiguous(), db2, dgamma
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     x, ln_w, ln_b, eps, w1, b1, w2, b2, gamma, _ = inputs
     _, u, mean, rstd = output
     ctx.mark_non_differentiable(u, mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradients made for u and the statistics
     ctx.save_for_backward(x, mean, rstd, u, ln_w, ln_b, w1, b1, w2, b2, gamma)
     ctx.eps = eps
     ctx.defined = (ln_w is not None, ln_b is not None, b1 is not None, b2 is not None)
@@ -123,6 +127,8 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
 
 
 def _backward(ctx, grad, _gu, _gm, _gr) -> tuple:  # noqa: ANN001
+    if grad is None:  # only the non-differentiable outputs were used
+        return (None,) * 10
     x, mean, rstd, u, ln_w, ln_b, w1, b1, w2, b2, gamma = ctx.saved_tensors
     if u.numel() == 0 and x.numel() > 0:  # run with keep=False: recompute what backward needs
         n, mean, rstd = aten.native_layer_norm(x, [x.shape[-1]], ln_w, ln_b, ctx.eps)

@@ -450,15 +450,45 @@ at::Tensor like_nhwc(const at::Tensor& x) {
     default: FN<0>(__VA_ARGS__); break;        \
   }
 
-// Returns the requested ones of [y, a, b, c], in that order; with `residual` (x's shape,
-// channels-last), y = residual + a * b + c.
-std::vector<at::Tensor> quadratic_forward(const at::Tensor& x, const at::Tensor& weight,
-                                          const c10::optional<at::Tensor>& bias, bool want_y,
-                                          bool want_a, bool want_b, bool want_c,
-                                          const c10::optional<at::Tensor>& residual) {
+bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The fused weight and bias (float32, contiguous) with the layer scale folded in: gamma
+// multiplies branches a and c, so that gamma (a b + c) = (gamma a) b + gamma c.
+std::pair<at::Tensor, c10::optional<at::Tensor>> fold(const at::Tensor& weight,
+                                                      const c10::optional<at::Tensor>& bias,
+                                                      const c10::optional<at::Tensor>& gamma) {
+  if (!given(gamma)) return {weight.contiguous(), bias};
+  TORCH_CHECK(gamma->scalar_type() == at::kFloat && gamma->dim() == 1 &&
+                  3 * gamma->size(0) == weight.size(0),
+              "quadratic conv: gamma must be a float32 vector of C = weight.size(0) / 3 values");
+  const at::Tensor g = gamma->contiguous(), w = weight.contiguous();
+  const float* gp = g.data_ptr<float>();
+  auto scaled = [&](const at::Tensor& t, int64_t per) {
+    at::Tensor out = at::empty(t.sizes(), t.options());
+    const float* src = t.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    for (int64_t ch = 0; ch < t.size(0); ++ch) {
+      const float scale = ch % 3 == 1 ? 1.f : gp[ch / 3];
+      for (int64_t i = 0; i < per; ++i) dst[ch * per + i] = src[ch * per + i] * scale;
+    }
+    return out;
+  };
+  c10::optional<at::Tensor> b;
+  if (given(bias)) b = scaled(bias->contiguous(), 1);
+  return {scaled(w, w.numel() / std::max<int64_t>(w.size(0), 1)), b};
+}
+
+// Returns [y] or [y, a, b] (`want_ab`), or [a, b] without `want_y`: y = gamma (a b + c)
+// (+ residual, channels-last of x's shape), where a is kept with gamma folded in.
+std::vector<at::Tensor> quadratic_forward(const at::Tensor& x, const at::Tensor& weight_in,
+                                          const c10::optional<at::Tensor>& bias_in,
+                                          const c10::optional<at::Tensor>& gamma, bool want_y,
+                                          bool want_ab, const c10::optional<at::Tensor>& residual) {
+  const auto [weight, bias] = fold(weight_in, bias_in, gamma);
+  const bool want_a = want_ab, want_b = want_ab, want_c = false;
   check_input(x, weight, "quadratic_forward");
   const float* res = nullptr;
-  if (residual.has_value() && residual->defined()) {
+  if (given(residual)) {
     TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->sizes() == x.sizes() &&
                     residual->is_contiguous(at::MemoryFormat::ChannelsLast),
                 "quadratic_forward: residual must be a channels-last float32 tensor of x's shape ",
@@ -497,13 +527,21 @@ std::vector<at::Tensor> quadratic_forward(const at::Tensor& x, const at::Tensor&
   return requested;
 }
 
-// Returns the requested ones of [dx, dweight, dbias] of y = a * b + c given a, b and
-// grad = dL/dy, in that order. dweight / dbias use the fused (3C, 1, k, k) / (3C) layouts.
-std::vector<at::Tensor> quadratic_backward(const at::Tensor& x, const at::Tensor& weight,
+// Returns the requested ones of [dx, dweight, dbias, dgamma] of y = gamma (a b + c) given
+// the kept a (gamma folded in) and b and grad = dL/dy, in that order. dweight / dbias use
+// the fused (3C, 1, k, k) / (3C) layouts. With W' the folded weight:
+//   dW = s dW' (s = gamma on branches a and c), dgamma = <Wa, dW'a> + ba db'a + <Wc, dW'c> + bc db'c.
+std::vector<at::Tensor> quadratic_backward(const at::Tensor& x, const at::Tensor& weight_in,
+                                           const c10::optional<at::Tensor>& bias_in,
+                                           const c10::optional<at::Tensor>& gamma_in,
                                            const at::Tensor& a_in, const at::Tensor& b_in,
                                            const at::Tensor& grad_in, bool need_dx,
-                                           bool need_dw, bool need_db) {
+                                           bool need_dw, bool need_db, bool need_dg) {
+  const auto [weight, folded_bias] = fold(weight_in, bias_in, gamma_in);
+  (void)folded_bias;
   check_input(x, weight, "quadratic_backward");
+  const bool has_gamma = given(gamma_in), has_bias = given(bias_in);
+  need_dg = need_dg && has_gamma;
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor a = a_in.contiguous(cl), b = b_in.contiguous(cl), g = grad_in.contiguous(cl);
   for (const at::Tensor* t : {&a, &b, &g}) {
@@ -512,19 +550,19 @@ std::vector<at::Tensor> quadratic_backward(const at::Tensor& x, const at::Tensor
   }
   const Shape s(x, weight.size(2));
   const int64_t taps = s.taps();
-  std::vector<at::Tensor> outs(3);
+  std::vector<at::Tensor> outs(4);
   float* dx = nullptr;
   if (need_dx) {
     outs[0] = like_nhwc(x);
     dx = outs[0].data_ptr<float>();
   }
-  const bool want_dw = need_dw || need_db;
+  const bool want_dw = need_dw || need_dg;
   const int64_t groups = s.groups(), tasks = s.tasks() * groups;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
   const int64_t part_w = s.blocks * 3 * taps * L, part_b = s.blocks * 3 * L;
   Floats dw_parts(want_dw ? chunks * part_w : 0, 0.f);
   Floats db_parts(chunks * part_b, 0.f);
-  if (x.numel() > 0 && (need_dx || want_dw)) {
+  if (x.numel() > 0 && (need_dx || want_dw || need_db || need_dg)) {
     const Floats wflip = block_weights(weight, s, true);
     const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>();
     const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
@@ -546,31 +584,52 @@ std::vector<at::Tensor> quadratic_backward(const at::Tensor& x, const at::Tensor
       }
     });
   }
-  if (need_dw) {
-    outs[1] = at::empty(weight.sizes(), weight.options());
-    float* out = outs[1].data_ptr<float>();
+  const at::Tensor raw_w = weight_in.contiguous();
+  const at::Tensor gamma = has_gamma ? gamma_in->contiguous() : at::Tensor();
+  const at::Tensor raw_b = has_bias ? bias_in->contiguous() : at::Tensor();
+  const float* gm = has_gamma ? gamma.data_ptr<float>() : nullptr;
+  std::vector<float> dgamma(s.c, 0.f);
+  auto scale = [&](int64_t ch, int br) { return gm != nullptr && br != 1 ? gm[ch] : 1.f; };
+  if (want_dw) {
+    float* out = nullptr;
+    if (need_dw) {
+      outs[1] = at::empty(weight.sizes(), weight.options());
+      out = outs[1].data_ptr<float>();
+    }
+    const float* w = raw_w.data_ptr<float>();
     for (int64_t ch = 0; ch < s.c; ++ch) {
       for (int br = 0; br < 3; ++br) {
         for (int64_t t = 0; t < taps; ++t) {
           const int64_t src = (((ch / L) * 3 + br) * taps + t) * L + ch % L;
           float sum = 0.f;
           for (int64_t part = 0; part < chunks; ++part) sum += dw_parts[part * part_w + src];
-          out[(3 * ch + br) * taps + t] = sum;
+          const int64_t dst = (3 * ch + br) * taps + t;
+          if (out != nullptr) out[dst] = sum * scale(ch, br);
+          if (br != 1) dgamma[ch] += w[dst] * sum;
         }
       }
     }
   }
-  if (need_db) {
-    outs[2] = at::empty({3 * s.c}, weight.options());
-    float* out = outs[2].data_ptr<float>();
+  if (need_db || (need_dg && has_bias)) {
+    float* out = nullptr;
+    if (need_db) {
+      outs[2] = at::empty({3 * s.c}, weight.options());
+      out = outs[2].data_ptr<float>();
+    }
+    const float* bias = has_bias ? raw_b.data_ptr<float>() : nullptr;
     for (int64_t ch = 0; ch < s.c; ++ch) {
       for (int br = 0; br < 3; ++br) {
         const int64_t src = ((ch / L) * 3 + br) * L + ch % L;
         float sum = 0.f;
         for (int64_t part = 0; part < chunks; ++part) sum += db_parts[part * part_b + src];
-        out[3 * ch + br] = sum;
+        if (out != nullptr) out[3 * ch + br] = sum * scale(ch, br);
+        if (bias != nullptr && br != 1) dgamma[ch] += bias[3 * ch + br] * sum;
       }
     }
+  }
+  if (need_dg) {
+    outs[3] = at::empty({s.c}, weight.options());
+    std::copy(dgamma.begin(), dgamma.end(), outs[3].data_ptr<float>());
   }
   std::vector<at::Tensor> requested;
   for (const at::Tensor& t : outs) {
@@ -984,11 +1043,12 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& x, const at::Tensor& mean
 
 TORCH_LIBRARY(quadranet_cpu, m) {
   m.def(
-      "quadratic_forward(Tensor x, Tensor weight, Tensor? bias, bool want_y, bool want_a, "
-      "bool want_b, bool want_c, Tensor? residual=None) -> Tensor[]");
+      "quadratic_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? gamma, bool want_y, "
+      "bool want_ab, Tensor? residual=None) -> Tensor[]");
   m.def(
-      "quadratic_backward(Tensor x, Tensor weight, Tensor a, Tensor b, Tensor grad, "
-      "bool need_dx, bool need_dw, bool need_db) -> Tensor[]");
+      "quadratic_backward(Tensor x, Tensor weight, Tensor? bias, Tensor? gamma, Tensor a, "
+      "Tensor b, Tensor grad, bool need_dx, bool need_dw, bool need_db, bool need_dg) "
+      "-> Tensor[]");
   m.def(
       "mlp_inference(Tensor x, Tensor? ln_weight, Tensor? ln_bias, float eps, Tensor w1, "
       "Tensor? b1, Tensor w2, Tensor? b2, bool residual, int chunk=0, bool pack=True) -> Tensor");
