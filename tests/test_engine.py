@@ -346,3 +346,35 @@ def test_demo_preset_loads_and_builds_a_registered_model():
     model = timm.create_model(cfg.model, num_classes=10, in_chans=1, **cfg.model_kwargs)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert math.isfinite(cfg.lr or cfg.base_lr)
+
+
+def test_timm_flag_spellings_and_no_prefix_matching(capsys):
+    """timm's spellings are aliases; a prefix of a flag is an error, never another flag."""
+    from quadranet.cli import build_parser
+
+    parser = build_parser()
+    argv = ["train", "-b", "16", "-j", "2", "--lr-base", "1e-3", "--grad-accum-steps", "2"]
+    argv += ["--data-dir", "/data", "--no-model-ema", "--model-ema-decay", "0.99", "--amp"]
+    args = parser.parse_args(argv)
+    assert (args.batch_size, args.workers, args.base_lr, args.accum_steps) == (16, 2, 1e-3, 2)
+    assert (args.data_root, args.ema, args.ema_decay, args.amp) == ("/data", False, 0.99, "bf16")
+    assert "lr_base_size" not in vars(args)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--lr-base-si", "256"])  # no abbreviations
+    assert "unrecognized arguments: --lr-base-si" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--version"])
+    assert capsys.readouterr().out.startswith("quadranet ")
+
+
+def test_images_smaller_than_the_model_takes_are_resized(tmp_path):
+    """A 28 px dataset and a stride-4 QuadraNet (quadranet train's defaults): the run
+    resizes to the model's smallest input instead of failing, and saves that size."""
+    fake = dict(FAKE, img_size=28)
+    cfg = tiny_cfg(tmp_path, model="quadranet25_xxs", dataset_kwargs=fake, epochs=1)
+    trainer = Trainer(cfg.replace(limit_train_batches=1, limit_val_batches=1))
+    assert trainer.img_size == 32 and trainer.cfg.img_size == 32
+    assert "resized to 32px" in trainer.resized_note
+    trainer.fit()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["img_size"] == 32

@@ -253,13 +253,21 @@ def test_latency_rows_have_ratios_and_notes():
 
 
 class LayerNormCalls(TorchDispatchMode):
-    """Records (input, output) of every native_layer_norm call."""
+    """Records (input, output) of every native_layer_norm call, also those inside the
+    `quadranet::` ops (the channel MLP's LayerNorm)."""
 
     def __init__(self):
         super().__init__()
         self.calls = []
+        from test_ops import op_bodies
+
+        self.bodies = op_bodies()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        body = self.bodies.get(func)
+        if body is not None:
+            with self:
+                return body(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten.native_layer_norm.default:
             self.calls.append((args[0].detach().clone(), out[0].detach().clone(), args[2:4]))

@@ -411,7 +411,7 @@ def test_channel_mlp_matches_the_definition(monkeypatch, backend, affine, bias, 
 
     def run(x, lw, lb, w1, b1, w2, b2, g):
         with ops.kernels(mode):
-            assert policy.choose_mlp(x, hid).backend == backend
+            assert policy.choose_mlp(x, torch.empty(hid, x.shape[-1])).backend == backend
             return ops.channel_mlp(x, lw, lb, 1e-6, w1, b1, w2, b2, g)
 
     y, grads = grads_of(run, tensors)
@@ -440,6 +440,18 @@ def test_channel_mlp_opcheck(monkeypatch):
             opcheck(torch.ops.quadranet.channel_mlp, (*args, g, keep))
 
 
+def op_bodies():
+    """`quadranet::` op -> its Python body (CustomOpDef._init_fn, private: a dispatch mode
+    sees the op as one call otherwise), for modes that look inside the ops."""
+    defs = (
+        ops.library.quadratic_dwconv,
+        ops.library.quadratic_dwconv_backward,
+        ops.mlp.channel_mlp,
+        ops.mlp.channel_mlp_backward,
+    )
+    return {d._opoverload: d._init_fn for d in defs}
+
+
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts dispatched ops, including those inside the bodies of the `quadranet::` ops
     (each one counts itself and then runs its Python body under this mode)."""
@@ -447,20 +459,11 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.count = 0
-        # the Python bodies (CustomOpDef._init_fn, private: the op hides them otherwise)
-        self.bodies = {
-            str(d._opoverload): d._init_fn
-            for d in (
-                ops.library.quadratic_dwconv,
-                ops.library.quadratic_dwconv_backward,
-                ops.mlp.channel_mlp,
-                ops.mlp.channel_mlp_backward,
-            )
-        }
+        self.bodies = op_bodies()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
-        body = self.bodies.get(str(func))
+        body = self.bodies.get(func)
         if body is not None:
             with self:
                 return body(*args, **(kwargs or {}))
@@ -489,3 +492,41 @@ def test_block_dispatches_few_more_ops_than_a_convnext_block():
             block(inp).sum().backward()
         counts[name] = mode.count
     assert counts["quadra"] <= 1.2 * counts["convnext"], counts
+
+
+def test_channel_mlp_under_autocast_keeps_less_than_plain_autocast():
+    """Under bf16 autocast the MLP op computes what autocast's plain ops do (LayerNorm in
+    x's dtype, products in bf16) and keeps fewer bytes for backward."""
+    gen = torch.Generator().manual_seed(0)
+    c, hid = 16, 64
+    x = torch.randn(2, 6, 6, c, generator=gen)
+    params = [torch.randn(c, generator=gen), torch.randn(c, generator=gen)]
+    params += [torch.randn(hid, c, generator=gen) / 4, torch.randn(hid, generator=gen)]
+    params += [torch.randn(c, hid, generator=gen) / 8, torch.randn(c, generator=gen)]
+    params += [torch.rand(c, generator=gen)]
+    runs = {}
+    for mode in ("auto", "off"):
+        leaves = [t.clone().requires_grad_() for t in (x, *params)]
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with (
+            ops.kernels(mode),
+            torch.autocast("cpu", torch.bfloat16),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            lx, lw, lb, w1, b1, w2, b2, g = leaves
+            y = ops.channel_mlp(lx, lw, lb, 1e-6, w1, b1, w2, b2, g)
+        y.float().square().sum().backward()
+        runs[mode] = (y.detach().float(), [t.grad for t in leaves], sum(saved.values()))
+    (y_op, grads_op, bytes_op), (y_plain, grads_plain, bytes_plain) = runs["auto"], runs["off"]
+    assert y_op.dtype == y_plain.dtype
+    torch.testing.assert_close(y_op, y_plain, rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads_op, grads_plain, strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * scale)
+    assert bytes_op < 0.7 * bytes_plain, (bytes_op, bytes_plain)

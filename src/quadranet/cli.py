@@ -20,12 +20,29 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching: `--lr-base` never silently means `--lr-base-size`
+    (subcommand parsers, nested ones too, are of this class)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("quadranet")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="quadranet", description="QuadraNet: quadratic-neuron vision backbones."
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = Parser(prog="quadranet", description="QuadraNet: quadratic-neuron vision backbones.")
+    parser.add_argument("--version", action="version", version=f"quadranet {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_command_modules(sub, COMMAND_MODULES)
     return parser
 

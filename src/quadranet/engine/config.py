@@ -24,9 +24,12 @@ class ConfigError(ValueError):
     """A configuration value, file or flag combination that cannot be used."""
 
 
-def _opt(default: Any, help: str, group: str) -> Any:
-    """A dataclass field carrying its flag help text and flag group."""
-    meta = {"help": help, "group": group}
+def _opt(
+    default: Any, help: str, group: str, aliases: tuple[str, ...] = (), const: Any = None
+) -> Any:
+    """A dataclass field carrying its flag help text, flag group, timm's spellings of the
+    flag (`aliases`) and the value of the bare flag (`const`, e.g. `--amp`)."""
+    meta = {"help": help, "group": group, "aliases": aliases, "const": const}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -48,21 +51,28 @@ class TrainConfig:
     drop_path: float = _opt(0.1, "stochastic depth rate (paper: 0.2/0.4/0.5 for T/S/B)", "model")
     # data
     dataset: str = _opt("mnist", "mnist, animal-mnist, cifar10, cifar100, fake or a folder", "data")
-    data_root: str | None = _opt(None, "where datasets are stored or downloaded", "data")
+    data_root: str | None = _opt(
+        None, "where datasets are stored or downloaded", "data", aliases=("--data-dir",)
+    )
     download: bool = _opt(False, "download the dataset if it is missing", "data")
     dataset_kwargs: dict = _opt({}, "extra dataset options (e.g. for fake data)", "data")
     img_size: int | None = _opt(None, "input resolution (default: the dataset's)", "data")
     max_samples: int | None = _opt(None, "use at most N images of each split", "data")
     limit_train_batches: int | None = _opt(None, "train batches per epoch at most", "data")
     limit_val_batches: int | None = _opt(None, "validation batches at most", "data")
-    batch_size: int = _opt(128, "batch size per process", "data")
-    workers: int = _opt(4, "data loader worker processes", "data")
+    batch_size: int = _opt(128, "batch size per process", "data", aliases=("-b",))
+    workers: int = _opt(4, "data loader worker processes", "data", aliases=("-j",))
     # optimisation
     epochs: int = _opt(300, "training epochs", "optim")
-    accum_steps: int = _opt(1, "gradient accumulation steps per optimizer step", "optim")
+    accum_steps: int = _opt(
+        1, "gradient accumulation steps per optimizer step", "optim",
+        aliases=("--grad-accum-steps",),
+    )  # fmt: skip
     opt: str = _opt("adamw", "optimizer name for timm.optim.create_optimizer_v2", "optim")
     lr: float | None = _opt(None, "absolute learning rate (default: base_lr scaled)", "optim")
-    base_lr: float = _opt(4e-3, "learning rate at a global batch of lr_base_size", "optim")
+    base_lr: float = _opt(
+        4e-3, "learning rate at a global batch of lr_base_size", "optim", aliases=("--lr-base",)
+    )
     lr_base_size: int = _opt(4096, "global batch size that base_lr refers to", "optim")
     momentum: float = _opt(0.9, "momentum (SGD-like optimizers)", "optim")
     weight_decay: float = _opt(0.05, "weight decay (not applied to norms and biases)", "optim")
@@ -82,14 +92,18 @@ class TrainConfig:
     reprob: float = _opt(0.25, "random erasing probability", "augment")
     hflip: float = _opt(0.5, "horizontal flip probability", "augment")
     crop_padding: int = _opt(0, "random crop with this zero padding (0: off)", "augment")
-    ema: bool = _opt(True, "keep an exponential moving average of the weights", "augment")
-    ema_decay: float = _opt(0.9999, "EMA decay", "augment")
+    ema: bool = _opt(
+        True, "keep an exponential moving average of the weights", "augment",
+        aliases=("--model-ema",),
+    )  # fmt: skip
+    ema_decay: float = _opt(0.9999, "EMA decay", "augment", aliases=("--model-ema-decay",))
     ema_warmup: bool = _opt(True, "ramp the EMA decay up over the first steps", "augment")
     # hardware
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N", "hardware")
     amp: str = _opt(
-        "auto", "mixed precision: auto (bf16/fp16 on CUDA), none, bf16, fp16", "hardware"
-    )
+        "auto", "mixed precision: auto (bf16/fp16 on CUDA), none, bf16, fp16 (bare --amp: bf16)",
+        "hardware", const="bf16",
+    )  # fmt: skip
     channels_last: bool = _opt(True, "use the channels-last memory format", "hardware")
     compile: bool = _opt(False, "compile the model with torch.compile", "hardware")
     deterministic: bool = _opt(False, "deterministic algorithms (reproducible, slower)", "hardware")
@@ -318,7 +332,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...
         else:
             kwargs["type"] = _cli_type(f.name, hints[f.name])
             kwargs["metavar"] = inner.__name__.upper()
-        sections[group].add_argument(flag, **kwargs)
+        if f.metadata["const"] is not None:
+            kwargs.update(nargs="?", const=f.metadata["const"])
+        sections[group].add_argument(flag, *f.metadata["aliases"], **kwargs)
 
 
 def _cli_type(name: str, tp: Any):

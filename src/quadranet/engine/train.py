@@ -10,7 +10,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -381,6 +381,16 @@ class Trainer:
         if model is None:
             model = build_model(cfg, self.num_classes, self.info.in_chans)
         self.model = model
+        smallest = getattr(model, "min_input_size", 0)  # the family's smallest input side
+        self.resized_note = None
+        if cfg.img_size is None and smallest > self.info.img_size:
+            # e.g. 28 px MNIST into a stride-4 stem: upsample rather than fail
+            self.cfg = cfg = replace(cfg, img_size=smallest)
+            self.img_size = smallest
+            self.resized_note = (
+                f"{self.info.name} images ({self.info.img_size}px) are resized to {smallest}px, "
+                f"the smallest input {cfg.model} takes (--img-size sets another size)"
+            )
         head = getattr(self.model, "num_classes", self.num_classes)
         if head != self.num_classes:
             raise ConfigError(
@@ -589,6 +599,8 @@ class Trainer:
                 self.history = report.truncate_metrics(metrics_path, self.epoch)
             else:
                 metrics_path.unlink(missing_ok=True)
+        if self.resized_note:
+            self.log(f"note: {self.resized_note}")
         self.log(
             f"training {self.model_name} on {self.info.name}: {self.epoch}/{cfg.epochs} epochs "
             "done, "

@@ -37,7 +37,7 @@ def _fold(w2: Tensor, b2: Tensor | None, gamma: Tensor | None) -> tuple[Tensor, 
 
 def _reference_forward(x, ln_w, ln_b, eps, w1, b1, w2, b2):  # noqa: ANN001, ANN202
     n, mean, rstd = aten.native_layer_norm(x, [x.shape[-1]], ln_w, ln_b, eps)
-    u = F.linear(n, w1, b1)
+    u = F.linear(n if n.dtype == w1.dtype else n.to(w1.dtype), w1, b1)
     return F.linear(F.gelu(u), w2, b2), u, mean, rstd
 
 
@@ -56,7 +56,7 @@ def channel_mlp(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, u, mean, rstd); u and the statistics are empty unless `keep`."""
     w2, b2 = _fold(w2, b2, gamma)
-    if policy.choose_mlp(x, w1.shape[0]).backend == "reference":
+    if policy.choose_mlp(x, w1).backend == "reference":
         out, u, mean, rstd = _reference_forward(x, ln_weight, ln_bias, eps, w1, b1, w2, b2)
         return (out, u, mean, rstd) if keep else (out, _empty(x), _empty(x), _empty(x))
     ops = torch.ops.quadranet_cpu
@@ -87,7 +87,7 @@ def channel_mlp_backward(
     c = x.shape[-1]
     col = None if gamma is None else gamma[:, None]
     w2s = w2 if col is None else w2 * col
-    if policy.choose_mlp(x, w1.shape[0]).backend == "cpu":
+    if policy.choose_mlp(x, w1).backend == "cpu":
         outs = torch.ops.quadranet_cpu.mlp_backward(
             x, mean, rstd, u, grad.contiguous(), ln_weight, ln_bias, w1, w2s, False
         )
@@ -99,11 +99,13 @@ def channel_mlp_backward(
         dw2, db2 = g.t() @ F.gelu(u2), g.sum(0)
         du = aten.gelu_backward(g @ w2s, u2)
         n = aten.native_layer_norm(x, [c], ln_weight, ln_bias, eps)[0].reshape(-1, c)
-        dw1, db1 = du.t() @ n, du.sum(0)
+        dw1, db1 = du.t() @ (n if n.dtype == w1.dtype else n.to(w1.dtype)), du.sum(0)
         mask = [True, ln_weight is not None, ln_bias is not None]
+        dn = (du @ w1).reshape(x.shape)
         dx, dlw, dlb = aten.native_layer_norm_backward(
-            (du @ w1).reshape(x.shape), x, [c], mean, rstd, ln_weight, ln_bias, mask
-        )
+            dn if dn.dtype == x.dtype else dn.to(x.dtype), x, [c], mean, rstd, ln_weight,
+            ln_bias, mask,
+        )  # fmt: skip
     dlw = dlw if ln_weight is not None else _empty(x)
     dlb = dlb if ln_bias is not None else _empty(x)
     dgamma = _empty(x)

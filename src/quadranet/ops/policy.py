@@ -137,15 +137,16 @@ MLP_MAX_CHANNELS = 128  # wider maps: the whole-tensor products beat the chunked
 MLP_MIN_HIDDEN = 1 << 22  # values of hidden activation below which it stays in cache anyway
 
 
-def choose_mlp(x: torch.Tensor, hidden: int) -> Choice:
-    """The backend of the channel MLP op on x (..., C) with `hidden` hidden channels."""
+def choose_mlp(x: torch.Tensor, w1: torch.Tensor) -> Choice:
+    """The backend of the channel MLP op on x (..., C) with fc1's weight `w1` (hidden, C)."""
     if mode() == "off":
         return Choice("reference", f"kernels off ({ENV_VAR}=off)")
     if forced_backend() not in (None, "cpu"):
         return Choice("reference", f"backend {forced_backend()} forced")
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
-        return Choice("reference", "the chunked MLP takes contiguous float32 CPU maps")
-    c = x.shape[-1]
+    fp32 = x.dtype == w1.dtype == torch.float32
+    if x.device.type != "cpu" or not fp32 or not x.is_contiguous():
+        return Choice("reference", "the chunked MLP takes contiguous float32 CPU maps and weights")
+    c, hidden = x.shape[-1], w1.shape[0]
     if c > MLP_MAX_CHANNELS or x.numel() // max(c, 1) * hidden < MLP_MIN_HIDDEN:
         return Choice("reference", "whole-tensor products are faster at this shape")
     ops, error = cpu.load()
