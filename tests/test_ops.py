@@ -509,7 +509,7 @@ def test_channel_mlp_under_autocast_keeps_less_than_plain_autocast():
         leaves = [t.clone().requires_grad_() for t in (x, *params)]
         saved = {}
 
-        def pack(t):
+        def pack(t, saved=saved):
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
