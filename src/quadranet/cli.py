@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from quadranet import __version__
 from quadranet.commands import add_command_modules
 
 # Each entry names a module that defines `add_parser(subparsers)`; the parser it adds
@@ -29,19 +30,10 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("quadranet")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
     parser = Parser(prog="quadranet", description="QuadraNet: quadratic-neuron vision backbones.")
-    parser.add_argument("--version", action="version", version=f"quadranet {_version()}")
+    parser.add_argument("--version", action="version", version=f"quadranet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_command_modules(sub, COMMAND_MODULES)
     return parser

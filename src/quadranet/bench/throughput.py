@@ -494,7 +494,8 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
             "(True: fp32 convolutions may use TF32); time read after torch.cuda.synchronize"
         )
     columns, csv_keys = _columns(rows, raw["gemm_dtype"], device)
-    title = "Model throughput and training memory (QuadraNet paper, Table I)"
+    where = raw.get("device_name") or machine_info(threads).split(",")[0]
+    title = f"Model throughput and training memory (QuadraNet paper, Table I) on {where}"
     paths = write_report(
         args.output, "throughput", title, notes, rows, columns, csv_keys, _panels(rows, device)
     )

@@ -50,8 +50,9 @@ def truncate_metrics(path: str | Path, before_epoch: int) -> list[dict[str, Any]
     return kept
 
 
-def plot_curves(history: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """Plot train/val loss and top-1 per epoch to a PNG (None when there is nothing to plot)."""
+def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Plot train/val loss and top-1 per epoch to a PNG (None when there is nothing to plot);
+    `title` names the run (model, data, device)."""
     if not history:
         return None
     import matplotlib
@@ -79,6 +80,8 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path) -> Path | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -131,6 +134,11 @@ def write_report(path: str | Path, summary: dict[str, Any]) -> Path:
         f"| wall time | {_fmt(s.get('wall_time_s'), '.1f', ' s')} |",
         f"| hardware | {s['device']} x{s['world_size']}, amp {s['amp']}, "
         f"channels-last {s['channels_last']} |",
+        f"| started / finished | {s.get('started', 'n/a')} / {s.get('finished', 'n/a')} |",
+        f"| versions | {s.get('versions', 'n/a')} |",
+        f"| source | {s.get('source', 'n/a')} |",
+        "",
+        f"Command: `{s.get('command', 'n/a')}`",
         "",
         f"Curves: `{PLOT_NAME}`; per-epoch metrics: `{METRICS_NAME}`; weights: "
         "`best.safetensors`, `last.safetensors`; training state: `last.pt`.",
@@ -138,3 +146,32 @@ def write_report(path: str | Path, summary: dict[str, Any]) -> Path:
     ]
     text = "\n".join(lines)
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def run_provenance() -> dict[str, str]:
+    """Versions, the source's git commit (when it is a checkout) and the command line."""
+    import platform
+    import shlex
+    import subprocess
+
+    import timm
+
+    from quadranet import __version__
+
+    versions = (
+        f"quadranet {__version__}, torch {torch.__version__}, timm {timm.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+    source = "not a git checkout"
+    try:
+        here = Path(__file__).resolve().parent
+        done = subprocess.run(
+            ["git", "-C", str(here), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+        if done.returncode == 0 and done.stdout.strip():
+            source = f"git {done.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    return dict(versions=versions, source=source, command=command)

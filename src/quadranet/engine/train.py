@@ -432,6 +432,7 @@ class Trainer:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model, dynamic=False)
 
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
         self.best_top1: float | None = None
@@ -747,10 +748,14 @@ class Trainer:
             "world_size": self.dist.world_size,
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
             "channels_last": self.cfg.channels_last,
+            "started": self.started,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            **report.run_provenance(),
         }
         if self.dist.is_main:
             history = report.read_metrics(self.output_dir / report.METRICS_NAME) or self.history
-            report.plot_curves(history, self.output_dir / report.PLOT_NAME)
+            title = f"{self.model_name} on {self.info.name} ({self.device})"
+            report.plot_curves(history, self.output_dir / report.PLOT_NAME, title)
             report.write_report(self.output_dir / report.REPORT_NAME, summary)
         return TrainResult(
             output_dir=self.output_dir,
