@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from quadranet.cli import main
 
 
@@ -44,3 +46,14 @@ def test_console_script_module_runs():
         [sys.executable, "-m", "quadranet.cli", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "models" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command, shown",
+    [("demo", "training epochs (default: 3)"), ("search", "training epochs (default: 10)"),
+     ("adapt", "(default: the checkpoint's run, else 300)"), ("train", "(default: 300)")],
+)  # fmt: skip
+def test_each_command_help_shows_its_own_defaults(capsys, command, shown):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert shown in " ".join(capsys.readouterr().out.split())

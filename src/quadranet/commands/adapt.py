@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=INIT_STD,
         help=f"std of the random B part (default: {INIT_STD})",
     )
-    add_config_arguments(p)
+    add_config_arguments(p, default_source="the checkpoint's run")
     p.set_defaults(func=guard(run_adapt, "adapt"))
 
 

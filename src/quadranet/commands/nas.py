@@ -156,7 +156,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--budget-fraction", type=float, default=0.9)
     g.add_argument("--data", dest="dataset", default=argparse.SUPPRESS, help="alias of --dataset")
-    add_config_arguments(p)
+    add_config_arguments(p, defaults=SEARCH_DEFAULTS)
     p.set_defaults(func=guard(run_search, "search"))
 
 

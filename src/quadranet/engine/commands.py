@@ -17,6 +17,7 @@ from quadranet.engine.config import (
     ConfigError,
     add_config_arguments,
     config_from_args,
+    load_yaml,
 )
 from quadranet.engine.report import PLOT_NAME, REPORT_NAME
 from quadranet.engine.train import (
@@ -61,7 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="train a small QuadraNet on bundled MNIST, evaluate it and write a report",
         description=f"Run the {DEMO_PRESET} preset; any train flag overrides it.",
     )
-    add_config_arguments(p)
+    with resources.as_file(resources.files("quadranet.configs") / DEMO_PRESET) as preset:
+        add_config_arguments(p, defaults=load_yaml(preset))
     p.set_defaults(func=guard(run_demo, "demo"))
 
 

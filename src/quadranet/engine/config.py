@@ -307,8 +307,17 @@ class _KeyValueAction(argparse.Action):
         setattr(namespace, self.dest, out)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] = ENGINE_GROUPS):
-    """Add one flag per TrainConfig field in `groups`; unset flags stay out of the namespace."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    groups: tuple[str, ...] = ENGINE_GROUPS,
+    defaults: dict[str, Any] | None = None,
+    default_source: str | None = None,
+):
+    """Add one flag per TrainConfig field in `groups`; unset flags stay out of the namespace.
+
+    The help shows the command's own defaults: `defaults` (a preset) over TrainConfig's,
+    or, with `default_source`, says where they come from (e.g. the checkpoint's run)."""
+    defaults = defaults or {}
     parser.add_argument(
         "--config", metavar="YAML", default=argparse.SUPPRESS, help="YAML file of flag: value"
     )
@@ -323,6 +332,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...
         inner, optional = _unwrap_optional(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = "{}" if f.default is dataclasses.MISSING else f.default
+        default = defaults.get(f.name, default)
+        if default_source:
+            default = f"{default_source}, else {default}"
         help_text = f"{f.metadata['help']} (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if inner is bool:
