@@ -235,3 +235,25 @@ def test_in_memory_dataset_checks_inputs():
     ds = InMemoryImageDataset(torch.full((2, 1, 4, 4), 255, dtype=torch.uint8), torch.ones(2))
     x, y = ds[1]
     assert torch.all(x == 1.0) and y == 1 and isinstance(dataset_info("mnist"), DatasetInfo)
+
+
+def test_image_folder_uses_timm_imagenet_transforms(tmp_path):
+    """Folders (ImageNet) train with RandomResizedCrop and evaluate at the model's crop_pct
+    and interpolation, as timm's create_transform builds them."""
+    import timm
+    from torchvision import transforms as T
+
+    from quadranet.data import build_transform
+    from quadranet.engine.train import _crop_of
+
+    info = dataset_info(str(_image_tree(tmp_path / "tiny")))
+    train = build_transform(info, True, img_size=32, randaugment="rand-m9-mstd0.5", reprob=0.25)
+    kinds = [type(t).__name__ for t in train.transforms]
+    assert "RandomResizedCropAndInterpolation" in kinds and "RandomErasing" in kinds
+    model = timm.create_model("quadranet25_xxs", num_classes=2)
+    crop = _crop_of(model)
+    assert crop == {"crop_pct": 0.875, "interpolation": "bicubic"}
+    val = build_transform(info, False, img_size=32, **crop)
+    resize = next(t for t in val.transforms if isinstance(t, T.Resize))
+    assert resize.size in (36, [36]) and resize.interpolation == T.InterpolationMode.BICUBIC
+    assert any(isinstance(t, T.CenterCrop) for t in val.transforms)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset
@@ -47,6 +47,7 @@ SPLITS = ("train", "val")
 ROOT_ENV = "QUADRANET_DATA"
 DEFAULT_ROOT = "~/.cache/quadranet/data"
 FOLDER_IMG_SIZE = 224  # target size for ImageFolder trees, whose native size is unknown
+DEFAULT_CROP_PCT = 0.875  # evaluation crop of ImageFolder trees unless the model says otherwise
 ANIMAL_VAL_FRACTION = 0.15
 ANIMAL_SPLIT_SEED = 0
 FAKE_DEFAULTS: dict[str, int] = {
@@ -74,6 +75,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     train_size: int | None
     val_size: int | None
+    folder: bool = False  # an ImageFolder tree (full-size photos: timm's ImageNet transforms)
 
 
 class DataError(ValueError):
@@ -411,7 +413,9 @@ def dataset_info(name: str, root: str | None = None, **fake_kwargs: int) -> Data
     if isinstance(key, Path):
         classes = _folder_classes(key)
         mean, std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
-        return DatasetInfo(str(key), len(classes), 3, FOLDER_IMG_SIZE, mean, std, None, None)
+        return DatasetInfo(
+            str(key), len(classes), 3, FOLDER_IMG_SIZE, mean, std, None, None, folder=True
+        )
     if key == "fake":
         o = _fake_options(fake_kwargs)
         c = o["in_chans"]
@@ -507,14 +511,26 @@ def build_transform(
     reprob: float = 0.0,
     hflip: float = 0.0,
     random_crop_padding: int = 0,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    interpolation: str = "bicubic",
 ) -> Callable:
     """Transform from a PIL image or uint8 C x H x W tensor to a normalised float tensor.
 
-    Both splits resize (shorter side) and centre-crop to `img_size` (default: the native
-    size; a no-op when it already matches). Training adds, in order, a padded random crop,
-    horizontal flip, timm RandAugment (e.g. "rand-m9-mstd0.5") and timm random erasing.
+    ImageFolder trees (ImageNet) get timm's recipe (`timm.data.create_transform`): training
+    a RandomResizedCrop, flip, RandAugment and random erasing; evaluation a resize to
+    `img_size / crop_pct` and a centre crop, both with the model's `interpolation`. The small
+    built-in datasets: both splits resize (shorter side) and centre-crop to `img_size`
+    (default: the native size; a no-op when it already matches); training adds, in order, a
+    padded random crop, horizontal flip, timm RandAugment (e.g. "rand-m9-mstd0.5") and timm
+    random erasing.
     """
     size = img_size or info.img_size
+    if info.folder:
+        return create_transform(
+            size, is_training=train, hflip=hflip, auto_augment=randaugment or None,
+            re_prob=reprob, interpolation=interpolation, crop_pct=crop_pct,
+            mean=info.mean, std=info.std,
+        )  # fmt: skip
     mode = "L" if info.in_chans == 1 else "RGB"
     steps: list[Callable] = []
     if train and randaugment:

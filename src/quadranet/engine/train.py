@@ -297,10 +297,24 @@ def _limit(dataset: Dataset, max_samples: int | None) -> Dataset:
     return Subset(dataset, range(max_samples))
 
 
+def _crop_of(model: nn.Module | None) -> dict[str, Any]:
+    """The evaluation crop fraction and interpolation timm resolves for `model`."""
+    if model is None:
+        return {}
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    return dict(crop_pct=data_cfg["crop_pct"], interpolation=data_cfg["interpolation"])
+
+
 def build_loader(
-    cfg: TrainConfig, info: DatasetInfo, split: str, dist_info: D.DistInfo
+    cfg: TrainConfig,
+    info: DatasetInfo,
+    split: str,
+    dist_info: D.DistInfo,
+    model: nn.Module | None = None,
 ) -> tuple[Any, Sampler[int]]:
-    """A loader of one split: the in-memory fast path when no PIL augmentation is asked for."""
+    """A loader of one split: the in-memory fast path when no PIL augmentation is asked for.
+    ImageFolder trees are evaluated at `model`'s crop_pct and interpolation (its
+    pretrained_cfg, as timm resolves it)."""
     train = split == "train"
     kwargs = _dataset_kwargs(cfg)
     fast = not (train and cfg.randaugment)
@@ -315,6 +329,7 @@ def build_loader(
             reprob=cfg.reprob if train else 0.0,
             hflip=cfg.hflip if train else 0.0,
             random_crop_padding=cfg.crop_padding if train else 0,
+            **_crop_of(model),
         )
         dataset = build_dataset(cfg.dataset, split, transform=transform, **common)
     dataset = _limit(dataset, cfg.max_samples)
@@ -400,8 +415,10 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
 
-        self.train_loader, self.train_sampler = build_loader(cfg, self.info, "train", self.dist)
-        self.val_loader, _ = build_loader(cfg, self.info, "val", self.dist)
+        self.train_loader, self.train_sampler = build_loader(
+            cfg, self.info, "train", self.dist, self.model
+        )
+        self.val_loader, _ = build_loader(cfg, self.info, "val", self.dist, self.model)
         batches = len(self.train_loader)
         if cfg.limit_train_batches is not None:
             batches = min(batches, cfg.limit_train_batches)
@@ -871,7 +888,7 @@ def evaluate(
     model.to(dist_info.device, memory_format=memory_format)
     if cfg.compile:
         model = torch.compile(model, dynamic=False)
-    loader, _ = build_loader(cfg, info, "val", dist_info)
+    loader, _ = build_loader(cfg, info, "val", dist_info, model)
     return validate(
         model,
         loader,
