@@ -301,6 +301,8 @@ def test_compile_fullgraph_matches_eager_with_drop_path():
     expected = training_step(model, x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert_same_step(training_step(compiled, x), expected)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph: no recompiles
+        assert_same_step(training_step(compiled, x, seed=4), training_step(model, x, seed=4))
     model.eval()
     with torch.no_grad():
         assert_close(compiled(x), model(x))
