@@ -385,3 +385,22 @@ def test_images_smaller_than_the_model_takes_are_resized(tmp_path):
     trainer.fit()
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["img_size"] == 32
+
+
+def test_resume_applies_a_new_schedule_and_refuses_a_new_optimizer(tmp_path, capsys):
+    """--epochs / --lr on resume rebuild the schedule from the resumed step (the lr there is
+    the new schedule's); settings that change what was trained are refused, naming both
+    values."""
+    cfg = tiny_cfg(tmp_path, epochs=2, quiet=False, opt="adamw", warmup_epochs=0)
+    train(cfg.replace(limit_train_batches=2, limit_val_batches=1))
+    limits = dict(limit_train_batches=2, limit_val_batches=1)
+    longer = cfg.replace(epochs=4, lr=5e-3, resume=str(tmp_path / "run"), **limits)
+    trainer = Trainer(longer)
+    assert "resume applies --epochs 2 -> 4, --lr 0.01 -> 0.005" in capsys.readouterr().out
+    fresh = Trainer(longer.replace(resume=None, output=str(tmp_path / "fresh")))
+    fresh.scheduler.step_update(trainer.step)
+    trainer.scheduler.step_update(trainer.step)
+    lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+    assert lrs == [g["lr"] for g in fresh.optimizer.param_groups] and 0 < lrs[0] < 5e-3
+    with pytest.raises(ckpt.CheckpointError, match=r"--opt 'adamw' but this run asks for 'sgd'"):
+        Trainer(cfg.replace(opt="sgd", resume=str(tmp_path / "run")))

@@ -305,6 +305,18 @@ def _crop_of(model: nn.Module | None) -> dict[str, Any]:
     return dict(crop_pct=data_cfg["crop_pct"], interpolation=data_cfg["interpolation"])
 
 
+# Settings a resumed run must share with its checkpoint (they change what was trained) and
+# settings it applies from the resumed step on (the learning-rate schedule is rebuilt).
+RESUME_FIXED = (
+    "model", "model_kwargs", "dataset", "num_classes", "img_size", "opt", "batch_size",
+    "accum_steps", "seed",
+)  # fmt: skip
+RESUME_SCHEDULE = (
+    "epochs", "lr", "base_lr", "lr_base_size", "warmup_epochs", "warmup_lr", "min_lr",
+    "weight_decay",
+)  # fmt: skip
+
+
 def build_loader(
     cfg: TrainConfig,
     info: DatasetInfo,
@@ -702,13 +714,19 @@ class Trainer:
         """Restore a state saved by `save_checkpoint` (model, optimizer, RNGs, ...)."""
         state = ckpt.load_state(path)
         saved = state.get("config", {})
-        for key in ("model", "model_kwargs"):
+        for key in RESUME_FIXED:
             if key in saved and saved[key] != getattr(self.cfg, key):
+                flag = "--" + key.replace("_", "-")
                 raise ckpt.CheckpointError(
-                    f"{path} was trained with {key}={saved[key]!r} but this run has "
-                    f"{getattr(self.cfg, key)!r}; pass the same --{key.replace('_', '-')} "
-                    "or start a new run without --resume"
+                    f"{path} was trained with {flag} {saved[key]!r} but this run asks for "
+                    f"{getattr(self.cfg, key)!r}; resume with {flag} {saved[key]!r}, or start "
+                    "a new run in another --output"
                 )
+        changed = [
+            f"--{key.replace('_', '-')} {saved[key]!r} -> {getattr(self.cfg, key)!r}"
+            for key in RESUME_SCHEDULE
+            if key in saved and saved[key] != getattr(self.cfg, key)
+        ]
         try:
             self.model.load_state_dict(state["model"])
             if self.ema is not None and state.get("ema") is not None:
@@ -719,7 +737,15 @@ class Trainer:
                 f"{path} does not fit this model/optimizer ({_first_lines(err)}); "
                 "resume with the same model and --opt, or start without --resume"
             ) from err
-        self.scheduler.load_state_dict(state["scheduler"])
+        # the schedule is a function of the step: rebuilt from this run's settings (the same
+        # values when nothing changed), and the optimizer takes this run's weight decay
+        for group in self.optimizer.param_groups:
+            if group.get("weight_decay", 0.0):
+                group["weight_decay"] = self.cfg.weight_decay
+        if changed:
+            self.log(
+                f"resume applies {', '.join(changed)} (schedule rebuilt at step {state['step']})"
+            )
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
