@@ -1,5 +1,7 @@
 """Model level: published sizes, timm's model API, bad-input errors."""
 
+import json
+
 import pytest
 import timm
 import torch
@@ -8,7 +10,7 @@ import quadranet
 from quadranet.bench.measure import count_macs, count_params
 from quadranet.blocks import MixerBlock, QuadraBlock
 from quadranet.models import create_model, list_models
-from quadranet.models.quadranet import QuadraNet
+from quadranet.models.quadranet import QuadraNet, checkpoint_filter_fn
 from quadranet.nn import QuadraticConv2d
 
 # DESIGN.md section 3 (1000 classes): exact counts where given, else to the 0.01M shown.
@@ -219,3 +221,251 @@ def test_constructor_kwargs_override_the_variant():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
     hornet = timm.create_model("hornet_t", depths=(1, 1, 1, 1), num_classes=2)
     assert [len(s.blocks) for s in hornet.stages] == [1, 1, 1, 1]
+
+
+# --- loading weights the timm way ---------------------------------------------------------
+
+SMALL_HORNET = dict(depths=(1, 1, 2, 1))  # every gnConv order, a second block in stage 3
+
+
+def _randomized(model):
+    """`model` in eval mode with every parameter random, so a misplaced tensor shows."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _to_official_hornet(state_dict):
+    """Rename this project's hornet_* keys to the official HorNet repository's names."""
+    mlp = {"mlp.norm": "norm2", "mlp.fc1": "pwconv1", "mlp.fc2": "pwconv2"}
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "stem":
+            new = "downsample_layers.0." + ".".join(parts[1:])
+        elif parts[0] == "head":
+            new = ("norm." if parts[1] == "norm" else "head.") + parts[2]
+        elif parts[2] == "downsample":
+            new = f"downsample_layers.{parts[1]}." + ".".join(parts[3:])
+        else:  # stages.{i}.blocks.{j}.<rest>
+            rest = ".".join(parts[4:])
+            if rest == "mlp.gamma":
+                rest = "gamma2"
+            elif rest.startswith("mixer."):
+                rest = "gnconv." + rest[len("mixer.") :]
+            elif rest.rsplit(".", 1)[0] in mlp:
+                module, leaf = rest.rsplit(".", 1)
+                rest = f"{mlp[module]}.{leaf}"
+            new = f"stages.{parts[1]}.{parts[3]}.{rest}"
+        out[new] = value
+    return out
+
+
+def _to_official_quadranet(state_dict, dims):
+    """Rename quadranet_* keys to the official QuadraNet code's names: the fused quadratic
+    conv becomes QuadraConv.conv1/conv2/conv3 and the channel MLP 1x1 convs."""
+    out = {}
+    for key, value in _to_official_hornet(state_dict).items():
+        parts = key.split(".")
+        if ".gnconv." in key:  # the spatial mixer: split the fused (a, b, c) rows
+            dim = dims[int(parts[1])]
+            branches = value.view(dim, 3, *value.shape[1:]).unbind(1)
+            for n, branch in enumerate(branches, 1):
+                out[f"stages.{parts[1]}.{parts[2]}.QuadraConv.conv{n}.{parts[-1]}"] = branch
+        elif parts[-2] in ("pwconv1", "pwconv2") and parts[-1] == "weight":
+            out[key] = value[:, :, None, None]  # as an nn.Conv2d 1x1 weight
+        else:
+            out[key] = value
+    return out
+
+
+def test_hornet_loads_an_official_hornet_checkpoint(tmp_path):
+    source = _randomized(timm.create_model("hornet_t", **SMALL_HORNET))
+    official = _to_official_hornet(source.state_dict())
+    for key in (
+        "downsample_layers.0.1.bias",
+        "downsample_layers.3.1.weight",
+        "stages.2.1.gnconv.pws.2.weight",
+        "stages.3.0.gnconv.dwconv.bias",
+        "stages.0.0.gamma1",
+        "stages.0.0.gamma2",
+        "stages.1.0.pwconv2.bias",
+        "norm.weight",
+        "head.bias",
+    ):
+        assert key in official
+    path = tmp_path / "hornet_tiny_7x7.pth"
+    torch.save({"model": official, "epoch": 300}, path)
+    model = timm.create_model(
+        "hornet_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL_HORNET
+    ).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = source(x)
+        assert torch.isfinite(expected).all()
+        assert torch.equal(model(x), expected)
+
+
+def test_quadranet_loads_its_own_safetensors_checkpoint(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    source = _randomized(timm.create_model("quadranet36_xxs"))
+    path = tmp_path / "quadranet36_xxs.safetensors"
+    safetensors_torch.save_file(source.state_dict(), str(path))
+    model = timm.create_model(
+        "quadranet36_xxs", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))
+    ).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = source(x)
+        assert torch.isfinite(expected).all()
+        assert torch.equal(model(x), expected)
+
+
+def test_quadranet_loads_an_official_quadranet_state_dict():
+    kwargs = dict(depths=(1, 1, 1, 1))
+    source = _randomized(timm.create_model("quadranet25_xxs", **kwargs))
+    official = _to_official_quadranet(source.state_dict(), dims=(16, 32, 64, 128))
+    assert official["stages.2.0.QuadraConv.conv3.weight"].shape == (64, 1, 7, 7)
+    assert official["stages.2.0.pwconv1.weight"].shape == (256, 64, 1, 1)
+    wrapped = {"state_dict": {"module." + k: v for k, v in official.items()}}
+    model = timm.create_model(
+        "quadranet25_xxs",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(state_dict=wrapped),
+        num_classes=5,  # a new classifier: the checkpoint's is dropped
+        **kwargs,
+    ).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), source.forward_features(x))
+        assert torch.equal(model.head.norm.weight, source.head.norm.weight)
+    assert model(x).shape == (2, 5)
+
+
+def test_local_dir_prefix_loads_through_timm(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    source = _randomized(timm.create_model("quadranet25_xxs", depths=(1, 1, 1, 1)))
+    safetensors_torch.save_file(source.state_dict(), str(tmp_path / "model.safetensors"))
+    config = {"architecture": "quadranet25_xxs", "num_classes": 1000, "pretrained_cfg": {}}
+    config["model_args"] = {"depths": [1, 1, 1, 1]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+
+
+def test_hf_hub_prefix_loads_through_timm(monkeypatch):
+    """`hf-hub:` names go through timm's own cfg handling (the hub calls stubbed: offline)."""
+    pytest.importorskip("huggingface_hub")
+    source = _randomized(timm.create_model("hornet_t", **SMALL_HORNET))
+    official = _to_official_hornet(source.state_dict())
+
+    def config_from_hub(model_id, cache_dir=None):
+        cfg = dict(hf_hub_id=model_id, source="hf-hub", num_classes=1000, classifier="head.fc")
+        return cfg, "hornet_t", {"depths": list(SMALL_HORNET["depths"])}
+
+    def weights_from_hub(model_id, *args, **kwargs):
+        assert model_id == "someone/hornet_t"
+        return {"model": official}
+
+    monkeypatch.setattr("timm.models._factory.load_model_config_from_hf", config_from_hub)
+    monkeypatch.setattr("timm.models._builder.load_state_dict_from_hf", weights_from_hub)
+    model = timm.create_model("hf-hub:someone/hornet_t", pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+
+
+@pytest.mark.parametrize("name", ["hornet_t", "quadranet36_xxs", "convnet25_t"])
+def test_pretrained_without_a_source_says_how_to_load_a_file(name):
+    with pytest.raises(ValueError, match=rf"no pretrained weights are published for {name}") as e:
+        timm.create_model(name, pretrained=True)
+    assert "pretrained_cfg_overlay=dict(file=" in str(e.value)
+
+
+def test_checkpoint_filter_keeps_own_layout_and_unwraps_containers():
+    model = timm.create_model("quadranet25_xxs", depths=(1, 1, 1, 1))
+    own = model.state_dict()
+    assert checkpoint_filter_fn(own, model) is own
+    wrapped = {"model_ema": {"module." + k: v for k, v in own.items()}, "epoch": 3}
+    unwrapped = checkpoint_filter_fn(wrapped, model)
+    assert list(unwrapped) == list(own)
+    assert all(unwrapped[k] is v for k, v in own.items())
+
+
+def test_checkpoint_filter_names_the_first_unmatched_key():
+    model = timm.create_model("quadranet25_xxs", depths=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"'backbone\.conv1\.weight'.*neither"):
+        checkpoint_filter_fn({"backbone.conv1.weight": torch.zeros(1)}, model)
+    hornet = _to_official_hornet(timm.create_model("hornet_t", **SMALL_HORNET).state_dict())
+    with pytest.raises(ValueError, match=r"'stages\.0\.0\.gnconv\.proj_in\.weight'.*mixer"):
+        checkpoint_filter_fn(hornet, model)
+
+
+# --- forward_intermediates / prune_intermediate_layers -------------------------------------
+
+
+def test_forward_intermediates_are_the_stage_outputs(small_model):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, feats = small_model.forward_intermediates(x)
+        manual, y = [], small_model.stem(x)
+        for stage in small_model.stages:
+            y = stage(y)
+            manual.append(y)
+        assert len(feats) == 4
+        for a, b in zip(feats, manual):
+            assert torch.equal(a, b)
+        assert torch.equal(final, small_model.forward_features(x))
+        only = small_model.forward_intermediates(x, indices=[1, -1], intermediates_only=True)
+        assert isinstance(only, list) and len(only) == 2
+        assert torch.equal(only[0], manual[1]) and torch.equal(only[1], manual[3])
+        last2 = small_model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert [f.shape[1] for f in last2] == [64, 128]
+        final, early = small_model.forward_intermediates(x, indices=[0, 2], stop_early=True)
+        assert torch.equal(final, manual[2]) and torch.equal(early[1], manual[2])
+
+
+def test_forward_intermediates_match_features_only():
+    torch.manual_seed(0)
+    model = timm.create_model("hornet_t", **SMALL_HORNET).eval()
+    weights = dict(pretrained=True, pretrained_cfg_overlay=dict(state_dict=model.state_dict()))
+    features = timm.create_model("hornet_t", features_only=True, **weights, **SMALL_HORNET)
+    getter = timm.create_model(
+        "hornet_t", features_only=True, feature_cls="getter", **weights, **SMALL_HORNET
+    )
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, intermediates_only=True)
+        for outs in (features.eval()(x), getter.eval()(x)):
+            assert len(outs) == 4
+            for a, b in zip(outs, expected):
+                assert torch.equal(a, b)
+
+
+def test_prune_intermediate_layers_then_forward_intermediates():
+    torch.manual_seed(0)
+    model = timm.create_model("quadranet25_xxs", num_classes=7).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full = model.forward_intermediates(x, intermediates_only=True)
+        kept = model.prune_intermediate_layers([0, 2])
+        assert kept == [0, 2]
+        assert len(model.stages) == 3 and model.num_features == 64
+        final, feats = model.forward_intermediates(x, indices=kept)
+        assert torch.equal(feats[0], full[0]) and torch.equal(feats[1], full[2])
+        assert torch.equal(final, full[2])
+        assert model(x).shape == (2, 64, 4, 4)  # the head is gone: the unpooled map
+
+
+def test_prune_only_the_head():
+    model = timm.create_model("quadranet25_xxs", num_classes=7).eval()
+    assert model.prune_intermediate_layers(indices=1) == [3]
+    assert len(model.stages) == 4 and model.num_classes == 0
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        (last,) = model.forward_intermediates(x, indices=1, intermediates_only=True)
+        assert torch.equal(model(x), last)

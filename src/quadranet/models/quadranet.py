@@ -7,6 +7,7 @@ One model class, `QuadraNet`, serves the whole family: the block type is an argu
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -14,7 +15,14 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import NormMlpClassifierHead
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+    resolve_pretrained_cfg,
+)
+from timm.models._features import feature_take_indices
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
@@ -238,10 +246,85 @@ class QuadraNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (0 removes it); `global_pool=''` keeps the unpooled map."""
+    def reset_classifier(
+        self, num_classes: int, global_pool: str | None = None, reset_other: bool = False
+    ) -> None:
+        """Replace the classifier (0 removes it); `global_pool=''` keeps the unpooled map.
+
+        `reset_other` also drops the head's LayerNorm (timm's convention), leaving pooling
+        and the classifier.
+        """
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(
+            num_classes, global_pool, reset_other=reset_other, in_features=self.num_features
+        )
+        self.head_hidden_size = self.head.num_features
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs along the forward pass (timm's ConvNeXt convention).
+
+        Args:
+            x: input images, NCHW.
+            indices: the last n stages if an int, all if None, else these stage indices
+                (negative ones count from the end).
+            norm: accepted for timm's API; these models normalise only after pooling
+                (in the head), so no feature map is normalised.
+            stop_early: skip the stages after the last one asked for.
+            output_fmt: only 'NCHW'.
+            intermediates_only: return just the list of stage outputs.
+
+        Returns:
+            The list of stage outputs, or (final feature map, that list).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        if not is_fx_symbolic_tracing():
+            self._check_input(x)
+        x = self.stem(x)
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | Sequence[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages (and head) not needed for the given intermediates.
+
+        Args:
+            indices: stages to keep outputs of (as in `forward_intermediates`).
+            prune_norm: accepted for timm's API; no norm acts on the feature maps here.
+            prune_head: drop the head (pooling, LayerNorm and classifier); always done
+                when trailing stages go, as the head is sized for the last stage.
+
+        Returns:
+            The absolute indices of the kept intermediates.
+        """
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[: max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "", reset_other=True)
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The unpooled feature map of the last stage, (N, dims[-1], H', W')."""
@@ -288,17 +371,164 @@ default_cfgs = generate_default_cfgs(
 )
 
 
+# Checkpoint containers unwrapped by `checkpoint_filter_fn`, in order of preference.
+_CONTAINER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+# The official HorNet (hornet.py: HorNet / Block / gnconv) and QuadraNet (QuadraNet.py:
+# QuadraNet / QuadraBlock1_dw / QuadraConv_dw) layouts, mapped onto this project's names.
+# QuadraConv's conv1/conv2/conv3 (branches a, b, c) are fused afterwards.
+_OFFICIAL_RULES = tuple(
+    (re.compile(pattern), target)
+    for pattern, target in (
+        (r"downsample_layers\.0\.([01])\.(weight|bias)", r"stem.\1.\2"),
+        (r"downsample_layers\.(\d+)\.([01])\.(weight|bias)", r"stages.\1.downsample.\2.\3"),
+        (r"stages\.(\d+)\.(\d+)\.norm1\.(weight|bias)", r"stages.\1.blocks.\2.norm1.\3"),
+        (r"stages\.(\d+)\.(\d+)\.gnconv\.(.+)", r"stages.\1.blocks.\2.mixer.\3"),
+        (r"stages\.(\d+)\.(\d+)\.QuadraConv\.(.+)", r"stages.\1.blocks.\2.mixer.\3"),
+        (r"stages\.(\d+)\.(\d+)\.gamma1", r"stages.\1.blocks.\2.gamma1"),
+        (r"stages\.(\d+)\.(\d+)\.norm2\.(weight|bias)", r"stages.\1.blocks.\2.mlp.norm.\3"),
+        (r"stages\.(\d+)\.(\d+)\.pwconv1\.(weight|bias)", r"stages.\1.blocks.\2.mlp.fc1.\3"),
+        (r"stages\.(\d+)\.(\d+)\.pwconv2\.(weight|bias)", r"stages.\1.blocks.\2.mlp.fc2.\3"),
+        (r"stages\.(\d+)\.(\d+)\.gamma2", r"stages.\1.blocks.\2.mlp.gamma"),
+        (r"norm\.(weight|bias)", r"head.norm.\1"),
+        (r"head\.(weight|bias)", r"head.fc.\1"),
+    )
+)
+_QUADRATIC_BRANCH = re.compile(r"(.+\.mixer)\.conv([123])\.(weight|bias)")
+
+
+def _unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The state dict inside a training checkpoint, without wrapper prefixes on its keys."""
+    while True:
+        inner = next(
+            (checkpoint[k] for k in _CONTAINER_KEYS if isinstance(checkpoint.get(k), Mapping)),
+            None,
+        )
+        if inner is None:
+            break
+        checkpoint = inner
+    if not any(k.startswith(_WRAPPER_PREFIXES) for k in checkpoint):
+        return checkpoint
+    out = {}
+    for key, value in checkpoint.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def _official_key(key: str) -> str | None:
+    """This project's name for a key of the official HorNet/QuadraNet layout (None: no rule)."""
+    for pattern, target in _OFFICIAL_RULES:
+        match = pattern.fullmatch(key)
+        if match is not None:
+            return match.expand(target)
+    return None
+
+
+def _strip_trailing_ones(shape: torch.Size) -> tuple[int, ...]:
+    dims = list(shape)
+    while dims and dims[-1] == 1:
+        dims.pop()
+    return tuple(dims)
+
+
+def _like(value: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """`value` reshaped to `target`'s shape when they differ only in trailing singleton
+    dimensions (a Linear weight against a 1x1 conv weight); otherwise unchanged, so that
+    `load_state_dict` reports a real size mismatch."""
+    if target is None or value.shape == target.shape:
+        return value
+    if _strip_trailing_ones(value.shape) == _strip_trailing_ones(target.shape):
+        return value.reshape(target.shape)
+    return value
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Mapping[str, Any]:
+    """Map a checkpoint onto `model`'s parameter names (timm's `pretrained_filter_fn`).
+
+    Unwraps training checkpoints ("model", "state_dict", "model_ema" or "state_dict_ema"
+    entries) and "module." prefixes. A state dict in this project's own layout passes
+    through unchanged; one in the official HorNet or QuadraNet layout is renamed (and
+    QuadraNet's three branch convolutions fused into one quadratic weight).
+
+    Raises:
+        ValueError: naming the first key that fits neither layout for this model.
+    """
+    state_dict = _unwrap_checkpoint(state_dict)
+    own = model.state_dict()
+    if all(k in own for k in state_dict):
+        return state_dict
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") or type(model).__name__
+    classifier = cfg.get("classifier") or "head.fc"
+
+    def unmatched(key: str, why: str) -> ValueError:
+        return ValueError(
+            f"cannot load checkpoint key {key!r} into {name}: {why}; the checkpoint matches "
+            "neither this project's layout nor the official HorNet/QuadraNet layout for "
+            "this model (is it for a different model or size?)"
+        )
+
+    out: dict[str, Any] = {}
+    branches: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
+    for key, value in state_dict.items():
+        if key in own:
+            out[key] = value
+            continue
+        new = _official_key(key)
+        if new is None:
+            raise unmatched(key, "no parameter has this name")
+        branch = _QUADRATIC_BRANCH.fullmatch(new)
+        if branch is not None:
+            fused = f"{branch[1]}.{branch[3]}"
+            branches.setdefault(fused, {})[int(branch[2]) - 1] = (key, value)
+            continue
+        if new not in own and not new.startswith(classifier + "."):
+            raise unmatched(key, f"it maps to {new!r}, which {name} does not have")
+        out[new] = _like(value, own.get(new))
+    for fused, parts in branches.items():
+        key = parts[min(parts)][0]
+        if fused not in own:
+            raise unmatched(key, f"its branch maps to {fused!r}, which {name} does not have")
+        if len(parts) != 3:
+            raise unmatched(key, "the quadratic conv needs all of conv1, conv2 and conv3")
+        groups = getattr(model.get_submodule(fused.rsplit(".", 1)[0]), "groups", 1)
+        # this project's fused layout: per group, the rows of branches a, b, c in turn
+        stacked = torch.stack([parts[i][1].unflatten(0, (groups, -1)) for i in range(3)], 1)
+        out[fused] = _like(stacked.flatten(0, 2), own[fused])
+    return out
+
+
+_SOURCE_FIELDS = ("state_dict", "file", "url", "hf_hub_id")
+
+
+def _has_weights_source(variant: str, kwargs: Mapping[str, Any]) -> bool:
+    """Whether the pretrained cfg timm will use (after overlays) names a weight source."""
+    cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.get("pretrained_cfg"),
+        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+    )
+    return any(getattr(cfg, field, None) for field in _SOURCE_FIELDS)
+
+
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> QuadraNet:
-    if pretrained:
+    if pretrained and not _has_weights_source(variant, kwargs):
         raise ValueError(
-            f"no pretrained weights are published for {variant}; use pretrained=False and "
-            "train it (`quadranet train --model ...`) or load your own checkpoint"
+            f"no pretrained weights are published for {variant}; load a checkpoint file "
+            "(.pth or .safetensors, this project's or the official HorNet/QuadraNet layout) "
+            f"with timm.create_model({variant!r}, pretrained=True, "
+            "pretrained_cfg_overlay=dict(file='path/to/weights.pth')), or use "
+            "pretrained=False and train it (`quadranet train --model ...`)"
         )
     return build_model_with_cfg(
         QuadraNet,
         variant,
         pretrained,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        pretrained_filter_fn=checkpoint_filter_fn,
         **kwargs,
     )
 
