@@ -278,10 +278,10 @@ def test_bf16_autocast_on_cpu_trains_and_fp16_on_cpu_is_refused(tmp_path):
     result = train(tiny_cfg(tmp_path, amp="bf16", epochs=1, device="cpu"))
     assert result.summary["amp"] == "bfloat16" and math.isfinite(result.history[0]["train_loss"])
     with pytest.raises(ConfigError, match="--amp fp16 needs a CUDA device"):
-        Trainer(tiny_cfg(tmp_path, amp="fp16", device="cpu"))
+        Trainer(tiny_cfg(tmp_path / "fp16", amp="fp16", device="cpu"))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available; use --device cpu"):
-            Trainer(tiny_cfg(tmp_path, device="cuda"))
+            Trainer(tiny_cfg(tmp_path / "cuda", device="cuda"))
 
 
 # --- bad inputs --------------------------------------------------------------------------------
@@ -404,3 +404,48 @@ def test_resume_applies_a_new_schedule_and_refuses_a_new_optimizer(tmp_path, cap
     assert lrs == [g["lr"] for g in fresh.optimizer.param_groups] and 0 < lrs[0] < 5e-3
     with pytest.raises(ckpt.CheckpointError, match=r"--opt 'adamw' but this run asks for 'sgd'"):
         Trainer(cfg.replace(opt="sgd", resume=str(tmp_path / "run")))
+
+
+def test_run_folder_is_protected_and_requeue_is_safe(tmp_path, capsys):
+    """A folder holding a run is refused without --resume; --resume auto continues it (or
+    starts where there is none), so one command line is safe to requeue; --overwrite starts
+    over; a resumed run writes into its own folder."""
+    from quadranet.engine import runfolder
+
+    limits = dict(limit_train_batches=1, limit_val_batches=1)
+    auto = tiny_cfg(tmp_path, epochs=1, resume="auto", **limits)
+    assert Trainer(auto).resume_path is None  # nothing to resume: a fresh start
+    train(auto)
+    with pytest.raises(runfolder.RunFolderError, match="holds a run already.*--resume auto"):
+        Trainer(auto.replace(resume=None))
+    again = Trainer(auto.replace(epochs=2))  # the requeued command, with one more epoch
+    assert again.resume_path == tmp_path / "run" / "last.pt" and again.epoch == 1
+    assert Trainer(auto.replace(resume=None, overwrite=True)).epoch == 0
+    elsewhere = auto.replace(resume=str(tmp_path / "run"), output=str(tmp_path / "other"))
+    assert Trainer(elsewhere).output_dir == tmp_path / "run"
+    assert not (tmp_path / "other").exists()
+
+
+def test_one_writer_per_run_folder(tmp_path):
+    """A live run's lock refuses a second run in the same folder (naming the holder); a
+    lock left by a process that is gone is taken over, and killed writes' temporaries are
+    removed at start."""
+    import socket
+    import subprocess
+    import sys
+
+    from quadranet.engine import runfolder
+
+    cfg = tiny_cfg(tmp_path, epochs=1, limit_train_batches=1, limit_val_batches=1)
+    folder = tmp_path / "run"
+    with runfolder.lock(folder):
+        with pytest.raises(runfolder.RunFolderError, match=f"in use by another run.*{os.getpid()}"):
+            train(cfg)
+    assert not (folder / runfolder.LOCK_NAME).exists()  # released
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (folder / runfolder.LOCK_NAME).write_text(f"{socket.gethostname()} {gone}")
+    (folder / ".last.pt.abc123.tmp").write_bytes(b"half")
+    train(cfg)
+    assert not (folder / ".last.pt.abc123.tmp").exists()
+    assert (folder / "last.pt").exists() and not (folder / runfolder.LOCK_NAME).exists()

@@ -109,7 +109,15 @@ class TrainConfig:
     deterministic: bool = _opt(False, "deterministic algorithms (reproducible, slower)", "hardware")
     # run
     output: str | None = _opt(None, "output folder (default: runs/<model>-<dataset>)", "run")
-    resume: str | None = _opt(None, "resume from a run folder or a .pt training state", "run")
+    resume: str | None = _opt(
+        None,
+        "resume from a run folder or a .pt training state (the run continues in that folder); "
+        "auto: resume from --output's last checkpoint when there is one, else start there",
+        "run",
+    )
+    overwrite: bool = _opt(
+        False, "start a new run in an --output that holds one (its files are replaced)", "run"
+    )
     seed: int = _opt(42, "random seed", "run")
     save_every: int = _opt(1, "save the last checkpoint every N epochs", "run")
     eval_every: int = _opt(1, "validate every N epochs (and always after the last)", "run")

@@ -35,7 +35,7 @@ from quadranet.data import DatasetInfo, InMemoryImageDataset, build_dataset, bui
 from quadranet.data import dataset_info as get_dataset_info
 from quadranet.engine import checkpoint as ckpt
 from quadranet.engine import distributed as D
-from quadranet.engine import report
+from quadranet.engine import report, runfolder
 from quadranet.engine.config import EVAL_GROUPS, ConfigError, TrainConfig, group_keys
 
 EpochCallback = Callable[["Trainer", dict[str, Any]], bool | None]
@@ -392,11 +392,19 @@ class Trainer:
         self.device = self.dist.device
         seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
         self.output_dir = cfg.output_dir
-        if cfg.output is None and cfg.resume:
-            self.output_dir = (
-                Path(cfg.resume) if Path(cfg.resume).is_dir() else Path(cfg.resume).parent
+        resume = cfg.resume
+        if resume == "auto":  # one command line that is safe to requeue
+            last = self.output_dir / ckpt.STATE_NAME
+            resume = str(last) if last.is_file() else None
+        elif resume:  # a resumed run writes into its own folder
+            self.output_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        self.resume_path = ckpt.resolve_checkpoint(resume) if resume else None
+        if self.resume_path is None and not cfg.overwrite and runfolder.holds_run(self.output_dir):
+            raise runfolder.RunFolderError(
+                f"{self.output_dir} holds a run already: continue it with --resume "
+                f"{self.output_dir} (or --resume auto, which starts one where there is none), "
+                "start over in it with --overwrite, or choose another --output"
             )
-        self.resume_path = ckpt.resolve_checkpoint(cfg.resume) if cfg.resume else None
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
 
         self.info = get_dataset_info(cfg.dataset, cfg.data_root, **_dataset_kwargs(cfg))
@@ -610,7 +618,15 @@ class Trainer:
         )
 
     def fit(self, on_epoch_end: EpochCallback | None = None) -> TrainResult:
-        """Train from the current epoch to cfg.epochs; returns the run's result."""
+        """Train from the current epoch to cfg.epochs; returns the run's result. The main
+        process holds the run folder's lock meanwhile."""
+        if not self.dist.is_main:
+            return self._fit(on_epoch_end)
+        with runfolder.lock(self.output_dir):
+            runfolder.remove_stale_temporaries(self.output_dir)
+            return self._fit(on_epoch_end)
+
+    def _fit(self, on_epoch_end: EpochCallback | None) -> TrainResult:
         cfg = self.cfg
         if self.epoch >= cfg.epochs:
             raise ConfigError(
