@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import io
 import os
 import random
 import signal
@@ -216,3 +218,128 @@ def test_rng_state_round_trips_through_a_file(tmp_path):
     ckpt.set_rng_state(ckpt.load_state(tmp_path / "s.pt")["rng"])
     second = (random.random(), np.random.randn(), np.random.rand(), torch.rand(3))
     assert first[:3] == second[:3] and torch.equal(first[3], second[3])
+
+
+# --- failed writes, non-finite weights, metadata that names files --------------------------------
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a disk with `room` bytes left: later writes fail with ENOSPC."""
+
+    def __init__(self, fd: int, room: int) -> None:
+        super().__init__()
+        self.raw, self.room = io.FileIO(fd, "wb"), room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.raw.write(data)
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def test_disk_full_at_fsync_is_one_clear_error_and_keeps_the_old_files(tmp_path, monkeypatch):
+    ckpt.save_state(tmp_path / "last.pt", _state(1.0))
+    ckpt.save_weights(tmp_path / "last.safetensors", {"w": torch.ones(2)}, {"epoch": 1})
+
+    def no_space(fd):
+        raise ENOSPC
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    for name, save in [
+        ("last.pt", lambda p: ckpt.save_state(p, _state(2.0))),
+        ("last.safetensors", lambda p: ckpt.save_weights(p, {"w": torch.zeros(2)}, {"epoch": 2})),
+    ]:
+        with pytest.raises(ckpt.CheckpointError) as info:
+            save(tmp_path / name)
+        message = str(info.value)
+        assert f"cannot write {tmp_path / name}: No space left on device" in message
+        assert f"the previous {name} is intact" in message and "\n" not in message
+        assert isinstance(info.value, OSError) and info.value.__cause__ is ENOSPC
+    monkeypatch.undo()
+    assert ckpt.load_state(tmp_path / "last.pt")["epoch"] == 1
+    assert ckpt.load_weights(tmp_path / "last.safetensors")[1] == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.safetensors"]
+
+
+def test_disk_full_inside_torch_save_is_not_a_pytorch_internal_error(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="rb": _FullDisk(fd, room=100))
+    with pytest.raises(ckpt.CheckpointError, match="No space left on device; nothing was written"):
+        ckpt.save_state(path, {"model": {"w": torch.zeros(10_000)}})
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writing_below_a_file_names_the_file(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(ckpt.CheckpointError, match=r"run is a file, not a folder; nothing was"):
+        ckpt.save_weights(tmp_path / "run" / "best.safetensors", {"w": torch.ones(1)})
+
+
+def test_non_finite_weights_are_refused_with_the_tensor_name(tmp_path):
+    weights = {"stem.weight": torch.ones(3), "head.bias": torch.tensor([0.0, float("nan")])}
+    ckpt.save_weights(tmp_path / "w.safetensors", weights)
+    with pytest.raises(ckpt.CheckpointError, match=r"safetensors: tensor 'head.bias' has NaN/Inf"):
+        ckpt.load_weights(tmp_path / "w.safetensors")
+    state = _state(1.0)
+    state["ema"] = {"w": torch.tensor([1.0, float("inf")])}
+    ckpt.save_state(tmp_path / "s.pt", state)
+    with pytest.raises(ckpt.CheckpointError, match=r"s.pt: EMA tensor 'w' has NaN/Inf.*best"):
+        ckpt.load_state(tmp_path / "s.pt")
+    ckpt.save_state(tmp_path / "ok.pt", {"model": {"steps": torch.tensor(3)}, "epoch": 1})
+    assert ckpt.load_state(tmp_path / "ok.pt")["epoch"] == 1  # integer tensors are fine
+
+
+def test_metadata_never_names_files_for_create_model(tmp_path, monkeypatch, capsys):
+    from quadranet.models import create_model
+
+    bait = tmp_path / "other.pth"
+    bait.write_bytes(b"not a checkpoint: opening it fails")
+    tiny = dict(stem_stride=2, depths=[1, 1, 1], dims=[8, 16, 32])
+    model = create_model("quadranet25_xxs", in_chans=1, num_classes=4, **tiny)
+    sources = dict(
+        checkpoint_path=str(bait),
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(bait)),
+        cache_dir=str(tmp_path),
+    )
+    fake = dict(num_classes=4, img_size=28, in_chans=1, length=8, val_length=8)
+    config = dict(
+        model="quadranet25_xxs",
+        model_kwargs={**tiny, **sources},
+        dataset="fake",
+        dataset_kwargs=fake,
+        batch_size=8,
+        workers=0,
+        device="cpu",
+    )
+    path = ckpt.save_weights(tmp_path / "best.safetensors", model.state_dict(), {"config": config})
+    _, meta = ckpt.load_weights(path)
+    assert meta["config"]["model_kwargs"] == tiny
+    assert ckpt.load_metadata(path)["config"]["model_kwargs"] == tiny
+    ckpt.save_state(tmp_path / "last.pt", {"model": model.state_dict(), "config": config})
+    assert ckpt.load_state(tmp_path / "last.pt")["config"]["model_kwargs"] == tiny
+
+    opened = []
+    real_open = open
+
+    def watch(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", watch)
+    assert cli_main(["eval", "--checkpoint", str(path)]) == 0, capsys.readouterr().err
+    assert "top-1" in capsys.readouterr().out
+    assert str(bait) not in opened

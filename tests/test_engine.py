@@ -449,3 +449,48 @@ def test_one_writer_per_run_folder(tmp_path):
     train(cfg)
     assert not (folder / ".last.pt.abc123.tmp").exists()
     assert (folder / "last.pt").exists() and not (folder / runfolder.LOCK_NAME).exists()
+
+
+def test_sigterm_writes_a_checkpoint_at_the_next_step_and_resume_continues(tmp_path, monkeypatch):
+    """Pre-emption: SIGTERM during a step writes a checkpoint after it and stops with a
+    distinct exit code; the requeued command finishes the epoch where it stopped and ends
+    with the same weights as a run that was never stopped."""
+    import signal
+
+    from quadranet.engine.commands import EXIT_PREEMPTED
+    from quadranet.engine.train import Preempted
+
+    limits = dict(limit_train_batches=4, limit_val_batches=1, epochs=2)
+    cfg = tiny_cfg(tmp_path, resume="auto", **limits)
+    full = train(tiny_cfg(tmp_path, output=str(tmp_path / "full"), **limits))
+    before = signal.getsignal(signal.SIGTERM)
+    original = Trainer._optimizer_step
+
+    def step_then_sigterm(self, *args):
+        out = original(self, *args)
+        if self.step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_sigterm)
+    with pytest.raises(Preempted, match="SIGTERM received: stopped at epoch 2, batch 2"):
+        Trainer(cfg).fit()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+    state = ckpt.load_state(tmp_path / "run" / "last.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 6)
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    resumed = Trainer(cfg)
+    assert (resumed.epoch, resumed.batch) == (1, 2)
+    resumed.fit()
+    assert resumed.step == 8
+    a, _ = ckpt.load_weights(tmp_path / "run" / "last.safetensors")
+    b, _ = ckpt.load_weights(tmp_path / "full" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full.final["top1"] == resumed.history[-1]["val_top1"]
+    # through the command line: the distinct exit code
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_sigterm)
+    argv = ["train", "--model", "engine_tiny_net", "--dataset", "fake", "--epochs", "2"]
+    argv += ["--dataset-kwargs", json.dumps(FAKE), "--batch-size", "8", "--no-ema", "--quiet"]
+    argv += ["--limit-train-batches", "4", "--workers", "0", "--warmup-epochs", "0"]
+    argv += ["--output", str(tmp_path / "cli")]
+    assert cli_main(argv) == EXIT_PREEMPTED

@@ -1,6 +1,8 @@
 """Deployment: ONNX export and parity, the exported graph, int8 quantization, bf16/fp16 autocast."""
 
+import errno
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,6 +18,7 @@ from quadranet.engine.checkpoint import save_weights
 from quadranet.export import (
     INPUT_NAME,
     OnnxModel,
+    atomic_output,
     compare,
     export_onnx,
     graph_op_counts,
@@ -354,3 +357,109 @@ def test_cuda_autocast_forward_and_step_are_finite(dtype):
     block = QuadraBlock(16, layer_scale_init=1.0).cuda().eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
         assert torch.isfinite(block(1e4 * torch.randn(2, 16, 8, 8, device="cuda"))).all()
+
+
+# --- atomic, clearly failing writes ------------------------------------------------------------
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_export_below_a_file_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "model").write_text("a file")
+    out = tmp_path / "model" / "x.onnx"
+    assert main(["export", "quadranet25_xxs", "-o", str(out), "--img-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}: {tmp_path / 'model'} is a file, not a folder" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert (tmp_path / "model").read_text() == "a file"
+
+
+def test_disk_full_keeps_the_previous_onnx_file(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous export")
+
+    def half_then_full(self, destination, **kwargs):
+        with open(destination, "wb") as f:
+            f.write(b"half a model")
+        _no_space()
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", half_then_full)
+    args = ["export", "quadranet25_xxs", "--in-chans", "1", "--num-classes", "10"]
+    args += ["--img-size", "28", "-o", str(out), "--no-check"]
+    args += ["--model-kwargs", *(f"{k}={json.dumps(v)}" for k, v in TINY.items())]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}: No space left on device; the previous model.onnx is intact" in err
+    assert "TorchScript" not in err and "Traceback" not in err  # no fallback for a full disk
+    assert out.read_bytes() == b"the previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_disk_full_while_quantizing_keeps_the_previous_int8_file(tmp_path, monkeypatch, capsys):
+    import quadranet.quantize
+
+    int8 = tmp_path / "model.int8.onnx"
+    int8.write_bytes(b"the previous int8 model")
+
+    def half_then_full(fp32_path, out_path, images, **kwargs):
+        Path(out_path).write_bytes(b"half an int8 model")
+        _no_space()
+
+    monkeypatch.setattr(quadranet.quantize, "quantize_int8", half_then_full)
+    monkeypatch.setattr(
+        quadranet.quantize, "calibration_images", lambda *a: random_images(2, 1, 28)
+    )
+    model = create_model("quadranet25_xxs", in_chans=1, num_classes=10, **TINY)
+    config = dict(model="quadranet25_xxs", model_kwargs=TINY, dataset="mnist")
+    ckpt = save_weights(tmp_path / "best.safetensors", model.state_dict(), dict(config=config))
+    out = tmp_path / "model.onnx"
+    args = ["export", "--checkpoint", str(ckpt), "-o", str(out), "--no-check"]
+    assert main([*args, "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {int8}: No space left on device; the previous model.int8.onnx" in err
+    assert int8.read_bytes() == b"the previous int8 model" and out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.safetensors",
+        "model.int8.onnx",
+        "model.onnx",
+    ]
+
+
+def test_atomic_output_replaces_only_on_success(tmp_path):
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="exporter bug"):
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("exporter bug")
+    assert target.read_bytes() == b"old"
+    with atomic_output(target) as tmp:
+        tmp.write_bytes(b"new")
+        (tmp.parent / "m.onnx.data").write_bytes(b"weights")  # external data moves along
+    assert target.read_bytes() == b"new" and (tmp_path / "m.onnx.data").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_checkpoint_metadata_cannot_make_export_open_other_files(tmp_path):
+    model = create_model("quadranet25_xxs", in_chans=1, num_classes=10, **TINY)
+    missing = tmp_path / "elsewhere" / "weights.pth"
+    kwargs = {**TINY, "checkpoint_path": str(missing), "pretrained_cfg_overlay": {"file": "x"}}
+    config = dict(model="quadranet25_xxs", model_kwargs=kwargs, dataset="mnist")
+    path = save_weights(tmp_path / "best.safetensors", model.state_dict(), dict(config=config))
+    loaded = load_model(checkpoint=path)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value)
+
+
+def test_export_refuses_non_finite_checkpoint_weights(tmp_path, capsys):
+    model = create_model("quadranet25_xxs", in_chans=1, num_classes=10, **TINY)
+    weights = model.state_dict()
+    weights["head.fc.bias"] = torch.full_like(weights["head.fc.bias"], float("nan"))
+    config = dict(model="quadranet25_xxs", model_kwargs=TINY, dataset="mnist")
+    path = save_weights(tmp_path / "last.safetensors", weights, dict(config=config))
+    assert main(["export", "--checkpoint", str(path), "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "tensor 'head.fc.bias' has NaN/Inf values" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()

@@ -14,10 +14,15 @@ of the custom operator, so the graph holds only standard ONNX ops.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import io
 import math
+import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +33,7 @@ from torch import nn
 
 from quadranet import ops
 from quadranet.data import DataError, build_dataset, dataset_info
+from quadranet.engine.checkpoint import safe_model_kwargs, write_error_message
 from quadranet.engine.config import TrainConfig
 from quadranet.engine.train import (
     build_model,
@@ -51,6 +57,12 @@ EXPORTERS = ("auto", "dynamo", "torchscript")
 
 class ExportError(ValueError):
     """A model could not be exported or does not match PyTorch; the message says why."""
+
+
+# OS errors of a failed write (not of tracing): they end the export instead of a fallback
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS}
+)
 
 
 # --- building the model to export ------------------------------------------------------------
@@ -104,7 +116,7 @@ def load_model(
         )
     dataset = settings.get("dataset")
     info = dataset_info(dataset) if dataset is not None else None
-    kwargs = {**settings.get("model_kwargs", {}), **(model_kwargs or {})}
+    kwargs = {**safe_model_kwargs(settings.get("model_kwargs", {})), **(model_kwargs or {})}
     arch_path = settings.get("arch")
     if isinstance(arch, Mapping):
         kwargs["arch"] = dict(arch)
@@ -188,20 +200,33 @@ def export_onnx(
     opset: int | None = None,
     exporter: Exporter = "auto",
 ) -> ExportResult:
-    """Export `model` (eval, no grad) to one ONNX file taking (batch, C, S, S) float32 images."""
+    """Export `model` (eval, no grad) to one ONNX file taking (batch, C, S, S) float32 images.
+
+    The file is written atomically (`atomic_output`): a failed export or write leaves an
+    existing file at `path` as it was.
+    """
     opset = check_opset(opset, exporter)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output(path)
     model = model.eval()
     x = example_input(in_chans, img_size, dynamic_batch)
     with torch.no_grad():
         model(x)  # a wrong size or channel count fails here with the model's own message
+    with atomic_output(path) as tmp:
+        result = _export(model, x, tmp, opset, dynamic_batch, exporter)
+    return dataclasses.replace(result, path=path)
+
+
+def _export(
+    model: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic_batch: bool, exporter: str
+) -> ExportResult:
+    """Write `path` with the dynamo exporter or, for "auto" when it fails, TorchScript."""
     reason = None
     if exporter in ("auto", "dynamo"):
         try:
             _export_dynamo(model, x, path, opset, dynamic_batch)
             return ExportResult(path, "dynamo", opset, dynamic_batch)
         except Exception as err:  # torch.export raises many kinds; the fallback handles all
+            _raise_write_error(err)  # the disk, not the exporter: no fallback
             if exporter == "dynamo":
                 raise ExportError(f"the dynamo exporter failed: {_short(err)}") from err
             reason = _short(err)
@@ -209,9 +234,59 @@ def export_onnx(
     try:
         _export_torchscript(model, x, path, opset, dynamic_batch)
     except Exception as err:
+        _raise_write_error(err)
         before = f"the dynamo exporter failed ({reason}), then " if reason else ""
         raise ExportError(f"{before}the TorchScript exporter failed: {_short(err)}") from err
     return ExportResult(path, "torchscript", opset, dynamic_batch, reason)
+
+
+def _raise_write_error(err: Exception) -> None:
+    """Re-raise `err` when it is a failed write (disk full, no permission)."""
+    if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+        raise err
+
+
+def check_output(path: str | Path) -> Path:
+    """`path` as a Path when a file can be written there; an ExportError saying why not."""
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; pass a file name, e.g. -o {path / 'model.onnx'}")
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not folder.is_dir():
+        raise ExportError(
+            f"cannot write {path}: {folder} is a file, not a folder; nothing was written; "
+            "pass an -o inside a folder"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(
+            f"cannot write {path}: {folder} is not writable; nothing was written; "
+            "pass an -o in a folder you can write to"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A path to write instead of `path`, in a hidden folder beside it; on success the files
+    written there (the model and any external data) replace those beside `path`, the model
+    last. An OSError becomes an ExportError naming `path` and saying the old file is kept."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as err:
+        raise ExportError(write_error_message(path, err)) from err
+    try:
+        tmp = folder / path.name
+        yield tmp
+        if not tmp.is_file():
+            raise ExportError(f"the exporter wrote no file for {path}; nothing was written")
+        for file in sorted(folder.iterdir(), key=lambda f: f == tmp):
+            os.replace(file, path.parent / file.name)
+    except OSError as err:
+        raise ExportError(write_error_message(path, err)) from err
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _short(err: Exception, lines: int = 3) -> str:

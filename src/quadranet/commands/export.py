@@ -11,7 +11,9 @@ from quadranet.export import (
     EXPORTERS,
     MAX_OPSET,
     MIN_OPSET,
+    atomic_output,
     check_opset,
+    check_output,
     check_parity,
     export_onnx,
     graph_op_counts,
@@ -26,10 +28,21 @@ def _int8_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.int8{path.suffix}")
 
 
+def _quantized_output(args: argparse.Namespace, fp32_path: Path) -> Path:
+    """The int8 file to write, checked to be writable and not the fp32 file."""
+    out = check_output(args.quantized_output or _int8_path(fp32_path))
+    if out.resolve() == fp32_path.resolve():
+        raise ValueError("the int8 output must not overwrite the fp32 model; pick another -o")
+    return out
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     if args.name is None and args.arch is None and args.checkpoint is None:
         raise ValueError("give a model NAME, --arch arch.json, or --checkpoint RUN")
     check_opset(args.opset, args.exporter)  # before any slow work
+    out = check_output(args.output)
+    if args.quantize:
+        _quantized_output(args, out)
     loaded = load_model(
         args.name,
         arch=args.arch,
@@ -40,7 +53,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
         in_chans=args.in_chans,
         model_kwargs=args.model_kwargs,
     )
-    out = Path(args.output)
     print(
         f"exporting {loaded.name} ({loaded.in_chans}x{loaded.img_size}x{loaded.img_size} input, "
         f"{loaded.num_classes} classes) to {out}"
@@ -92,17 +104,18 @@ def _quantize(args: argparse.Namespace, loaded, fp32_path: Path, eval_dataset: s
     if calib is None:
         raise ValueError("--quantize int8 needs --calib-dataset (e.g. mnist or animal-mnist)")
     images = calibration_images(calib, loaded.in_chans, loaded.img_size, args.calib_samples)
-    out = Path(args.quantized_output) if args.quantized_output else _int8_path(fp32_path)
-    result = quantize_int8(
-        fp32_path,
-        out,
-        images,
-        method=args.calib_method,
-        quant_format=args.quant_format,
-        activation_type=args.activation_type,
-        reduce_range=args.reduce_range,
-        op_types=OP_TYPE_CHOICES[args.quant_ops],
-    )
+    out = _quantized_output(args, fp32_path)
+    with atomic_output(out) as tmp:  # an existing int8 file survives a failed write
+        result = quantize_int8(
+            fp32_path,
+            tmp,
+            images,
+            method=args.calib_method,
+            quant_format=args.quant_format,
+            activation_type=args.activation_type,
+            reduce_range=args.reduce_range,
+            op_types=OP_TYPE_CHOICES[args.quant_ops],
+        )
     print(
         f"wrote {out}: int8 weights, {result.activation_type} activations of "
         f"{args.quant_ops} ops ({result.quant_format}, {result.method} calibration on "

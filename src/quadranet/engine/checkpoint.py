@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 import safetensors.torch
@@ -22,6 +23,17 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the model."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, no permission); the old file is kept."""
+
+
+# Words in create_model kwargs that make timm read weights or settings from a file, a URL
+# or the Hugging Face Hub (checkpoint_path, pretrained_cfg_overlay=dict(file=...), cache_dir).
+_SOURCE_WORDS = frozenset(
+    {"pretrained", "checkpoint", "path", "file", "filename", "url", "dir", "hub", "cache"}
+)
+
+
 def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -32,22 +44,70 @@ _UMASK = _current_umask()
 
 
 def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file through `writer` so that `path` is either the old or the complete new file."""
+    """Write a file through `writer` so that `path` is either the old or the complete new file.
+
+    An OSError (disk full, no permission) becomes a `CheckpointWriteError` naming the file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # what open() would give (mkstemp makes it 0600)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise CheckpointWriteError(write_error_message(path, err)) from err
+    recorder: _RecordingFile | None = None
+    try:
         with os.fdopen(fd, "wb") as f:
-            writer(f)
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # what open() gives (mkstemp makes 0600)
+            recorder = _RecordingFile(f)
+            writer(cast(IO[bytes], recorder))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = err if isinstance(err, OSError) else recorder.error if recorder else None
+        if cause is None or not isinstance(err, Exception) or isinstance(err, CheckpointError):
+            raise
+        # torch.save reports a failed write as an internal RuntimeError: name the OS error
+        raise CheckpointWriteError(write_error_message(path, cause)) from cause
     _fsync_dir(path.parent)
     return path
+
+
+class _RecordingFile:
+    """A binary file that keeps the first OSError of its writes (`error`)."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def write_error_message(path: str | Path, err: OSError) -> str:
+    """One line for a failed write: the file, the OS error, that the old file is kept."""
+    path = Path(path)
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        reason = f"{blocker} is a file, not a folder"
+    else:
+        reason = err.strerror or str(err) or type(err).__name__
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some disk space (or write elsewhere) and retry"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "make the folder writable (or write elsewhere) and retry"
+    else:
+        hint = "check the folder (or write elsewhere) and retry"
+    kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+    return f"cannot write {path}: {reason}; {kept}; {hint}"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -75,18 +135,81 @@ def save_weights(
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load (state_dict, metadata) from a safetensors file written by `save_weights`."""
+    """Load (state_dict, metadata) from a safetensors file written by `save_weights`.
+
+    NaN/Inf tensors are refused; the metadata is `safe_metadata`'s (nothing names files).
+    """
     path = _existing(path)
     try:
         tensors = safetensors.torch.load_file(str(path), device="cpu")
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("quadranet", "{}")
-        return tensors, json.loads(raw)
+        meta = _read_metadata(path)
     except Exception as err:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({err}); "
             "it may be truncated or corrupt: use another checkpoint (e.g. best.safetensors)"
         ) from err
+    check_finite(path, tensors)
+    return tensors, meta
+
+
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a safetensors file written by `save_weights`, without its tensors."""
+    path = _existing(path)
+    try:
+        return _read_metadata(path)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({err}); "
+            "it may be truncated or corrupt: use another checkpoint (e.g. best.safetensors)"
+        ) from err
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("quadranet", "{}")
+    meta = json.loads(raw)
+    if not isinstance(meta, dict):
+        raise ValueError("its 'quadranet' metadata is not a JSON object")
+    return safe_metadata(meta)
+
+
+def safe_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of checkpoint metadata (or a training state) whose saved config cannot make
+    `create_model` open files: model_kwargs that name weights, files, URLs or the Hub
+    (checkpoint_path, pretrained, pretrained_cfg(_overlay), cache_dir, ...) are dropped."""
+    out = dict(meta)
+    config = out.get("config")
+    if isinstance(config, Mapping):
+        config = dict(config)
+        kwargs = config.get("model_kwargs")
+        if isinstance(kwargs, Mapping):
+            config["model_kwargs"] = safe_model_kwargs(kwargs)
+        out["config"] = config
+    return out
+
+
+def safe_model_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The model kwargs that describe the architecture (none that load weights or files)."""
+    return {k: v for k, v in kwargs.items() if not is_source_kwarg(str(k))}
+
+
+def is_source_kwarg(key: str) -> bool:
+    """Whether a create_model kwarg makes timm read a file, a URL or the Hub."""
+    return any(word in _SOURCE_WORDS for word in key.lower().replace("-", "_").split("_"))
+
+
+def check_finite(path: str | Path, tensors: Mapping[str, Any], what: str = "tensor") -> None:
+    """A CheckpointError naming the first floating-point tensor with NaN/Inf values."""
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if (value.is_floating_point() or value.is_complex()) and not bool(
+            torch.isfinite(value).all()
+        ):
+            raise CheckpointError(
+                f"{path}: {what} '{name}' has NaN/Inf values; the checkpoint is unusable "
+                "(a diverged run?): use an earlier one, e.g. best.safetensors"
+            )
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> Path:
@@ -96,7 +219,10 @@ def save_state(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    """Load a training state with `weights_only=True` (never runs pickled code)."""
+    """Load a training state with `weights_only=True` (never runs pickled code).
+
+    NaN/Inf model or EMA tensors are refused; the config is `safe_metadata`'s.
+    """
     path = _existing(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -108,7 +234,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
         ) from err
     if not isinstance(state, dict) or "model" not in state or "format_version" not in state:
         raise CheckpointError(f"{path} is not a quadranet training state (no 'model' entry)")
-    return state
+    for key, what in (("model", "tensor"), ("ema", "EMA tensor")):
+        if isinstance(state.get(key), Mapping):
+            check_finite(path, state[key], what)
+    return safe_metadata(state)
 
 
 def load_any(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -22,6 +22,7 @@ from quadranet.engine.config import (
 from quadranet.engine.report import PLOT_NAME, REPORT_NAME
 from quadranet.engine.train import (
     NonFiniteLossError,
+    Preempted,
     TrainingError,
     checkpoint_config,
     evaluate,
@@ -33,6 +34,7 @@ DEMO_PRESET = "demo_mnist.yaml"
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
 EXIT_FAILED = 1
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue it
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -78,6 +80,9 @@ def guard(
         except NonFiniteLossError as err:
             _error(name, err)
             return EXIT_NON_FINITE
+        except Preempted as err:
+            _error(name, err)
+            return EXIT_PREEMPTED
         except (ConfigError, CheckpointError, DataError, ValueError) as err:
             _error(name, err)
             return EXIT_BAD_INPUT

@@ -115,6 +115,9 @@ class TrainConfig:
         "auto: resume from --output's last checkpoint when there is one, else start there",
         "run",
     )
+    dist_timeout: float = _opt(
+        30.0, "minutes a process waits for the others in a collective (torchrun)", "run"
+    )
     overwrite: bool = _opt(
         False, "start a new run in an --output that holds one (its files are replaced)", "run"
     )
@@ -149,6 +152,7 @@ class TrainConfig:
         need(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         need(self.accum_steps >= 1, f"accum_steps must be >= 1 (got {self.accum_steps})")
         need(self.workers >= 0, f"workers must be >= 0 (got {self.workers})")
+        need(self.dist_timeout > 0, f"dist_timeout must be > 0 minutes (got {self.dist_timeout})")
         need(self.lr is None or self.lr > 0, f"lr must be > 0 (got {self.lr})")
         need(self.base_lr > 0, f"base_lr must be > 0 (got {self.base_lr})")
         need(self.lr_base_size >= 1, f"lr_base_size must be >= 1 (got {self.lr_base_size})")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +49,30 @@ class TrainingError(RuntimeError):
 
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite."""
+
+
+class Preempted(TrainingError):
+    """SIGTERM or SIGUSR1 arrived: a checkpoint was written at the next step and the run
+    stopped (resume it with --resume, or --resume auto)."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class _SkipSampler(Sampler[int]):
+    """The first `skip` indices of a sampler's epoch left out (resuming inside an epoch)."""
+
+    def __init__(self, sampler: Sampler[int], skip: int) -> None:
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
 
 
 @dataclass
@@ -388,7 +414,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module | None = None) -> None:
         self.cfg = cfg
-        self.dist = D.init_distributed(cfg.device)
+        self.dist = D.init_distributed(cfg.device, cfg.dist_timeout)
         self.device = self.dist.device
         seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
         self.output_dir = cfg.output_dir
@@ -470,6 +496,8 @@ class Trainer:
             self.train_model = torch.compile(self.train_model, dynamic=False)
 
         self.started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        self.stop_signal: int | None = None  # set by SIGTERM / SIGUSR1 during fit
+        self.batch = 0  # batches of the current epoch done (non-zero only after pre-emption)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
         self.best_top1: float | None = None
@@ -544,6 +572,20 @@ class Trainer:
             self.ema.update(self.model, step=self.step)
         return norm
 
+    def _batches(self, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The train loader's batches of this epoch, the first `skip` left out (resuming a
+        pre-empted epoch: the sampler's order is fixed by the epoch, so the rest is the
+        same)."""
+        loader = self.train_loader
+        holder = loader.batch_sampler if isinstance(loader, DataLoader) else loader
+        original = holder.sampler
+        if skip:
+            holder.sampler = _SkipSampler(original, skip * self.cfg.batch_size)
+        try:
+            yield from loader
+        finally:
+            holder.sampler = original
+
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the train split; returns loss, top-1 and images/s reduced over ranks."""
         self.train_model.train()
@@ -563,7 +605,8 @@ class Trainer:
         last_loss = 0.0
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        for i, (x, y) in enumerate(self.train_loader):
+        skip, self.batch = self.batch, 0
+        for i, (x, y) in enumerate(self._batches(skip), start=skip):
             if i >= self.batches_per_epoch:
                 break
             x, y = self._to_device(x, y)
@@ -583,6 +626,9 @@ class Trainer:
             count += n
             if sync:
                 self._optimizer_step(bad, epoch, last_loss)
+                if D.any_true(self.stop_signal is not None, self.device):
+                    self.batch = i + 1  # the checkpoint resumes after this batch
+                    break
             bar.update()
             if show and (i % 10 == 0 or i + 1 == self.batches_per_epoch):
                 rate = count * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
@@ -619,12 +665,32 @@ class Trainer:
 
     def fit(self, on_epoch_end: EpochCallback | None = None) -> TrainResult:
         """Train from the current epoch to cfg.epochs; returns the run's result. The main
-        process holds the run folder's lock meanwhile."""
-        if not self.dist.is_main:
+        process holds the run folder's lock meanwhile. SIGTERM or SIGUSR1 (pre-emption)
+        writes a checkpoint after the current step and raises `Preempted`."""
+        with self._stop_signals(), contextlib.ExitStack() as stack:
+            if self.dist.is_main:
+                stack.enter_context(runfolder.lock(self.output_dir))
+                runfolder.remove_stale_temporaries(self.output_dir)
             return self._fit(on_epoch_end)
-        with runfolder.lock(self.output_dir):
-            runfolder.remove_stale_temporaries(self.output_dir)
-            return self._fit(on_epoch_end)
+
+    @contextlib.contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """Note SIGTERM / SIGUSR1 instead of dying (main thread only; restored after)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum: int, frame: object) -> None:
+            self.stop_signal = signum
+
+        previous = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _fit(self, on_epoch_end: EpochCallback | None) -> TrainResult:
         cfg = self.cfg
@@ -657,6 +723,14 @@ class Trainer:
         record: dict[str, Any] = {}
         for epoch in range(self.epoch, cfg.epochs):
             record = {"epoch": epoch, **self.train_one_epoch(epoch)}
+            if self.batch:  # pre-empted inside the epoch
+                self.save_checkpoint()
+                name = signal.Signals(self.stop_signal or signal.SIGTERM).name
+                raise Preempted(
+                    f"{name} received: stopped at epoch {epoch + 1}, batch {self.batch}, after "
+                    f"writing {self.output_dir / ckpt.STATE_NAME}; continue with --resume "
+                    f"{self.output_dir} (or --resume auto)"
+                )
             record["lr"] = self.optimizer.param_groups[0]["lr"]
             record["step"] = self.step
             self.epoch = epoch + 1
@@ -710,6 +784,7 @@ class Trainer:
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.epoch,
+            "batch": self.batch,
             "step": self.step,
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
@@ -765,12 +840,14 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.batch = int(state.get("batch", 0))  # inside a pre-empted epoch
         self.best_top1, self.best_epoch = state.get("best_top1"), state.get("best_epoch")
         rng = state.get("rng") or []
         if self.dist.rank < len(rng):
             ckpt.set_rng_state(rng[self.dist.rank])
         self.restore_extra_state(state, path)
-        self.log(f"resumed from {path} after epoch {self.epoch} (step {self.step})")
+        inside = f", batch {self.batch} of the next" if self.batch else ""
+        self.log(f"resumed from {path} after epoch {self.epoch}{inside} (step {self.step})")
 
     def restore_extra_state(self, state: dict[str, Any], path: Path) -> None:
         """Hook for subclasses: restore what they added to `training_state`."""
