@@ -298,8 +298,14 @@ def test_hornet_loads_an_official_hornet_checkpoint(tmp_path):
         assert key in official
     path = tmp_path / "hornet_tiny_7x7.pth"
     torch.save({"model": official, "epoch": 300}, path)
+    _assert_loads_equal("hornet_t", path, source, **SMALL_HORNET)
+
+
+def _assert_loads_equal(name, path, source, **kwargs):
+    """timm.create_model(name, pretrained=True) from `path` computes exactly what `source`
+    does."""
     model = timm.create_model(
-        "hornet_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL_HORNET
+        name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
     ).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -313,14 +319,7 @@ def test_quadranet_loads_its_own_safetensors_checkpoint(tmp_path):
     source = _randomized(timm.create_model("quadranet36_xxs"))
     path = tmp_path / "quadranet36_xxs.safetensors"
     safetensors_torch.save_file(source.state_dict(), str(path))
-    model = timm.create_model(
-        "quadranet36_xxs", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))
-    ).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        expected = source(x)
-        assert torch.isfinite(expected).all()
-        assert torch.equal(model(x), expected)
+    _assert_loads_equal("quadranet36_xxs", path, source)
 
 
 def test_quadranet_loads_an_official_quadranet_state_dict():

@@ -229,24 +229,15 @@ def measure_model(
 
 
 def run_steps_bench(
-    models: list[str],
-    modes: list[str],
-    img_size: int = 224,
-    batch: int = 256,
-    train_batch: int = 128,
-    precision: str = "bf16",
-    channels_last: bool = True,
-    steps: int = 20,
-    warmup: int = 3,
-    device: str = "cuda",
-    drop_path_rate: float = 0.1,
-    threads: int | None = None,
+    models: list[str], modes: list[str], threads: int | None = None, **settings: Any
 ) -> list[dict[str, Any]]:
-    """One row per (mode, model): each measured in its own child process."""
+    """One row per (mode, model), each measured in its own child process; `settings` are
+    `measure_model`'s keyword arguments (image size, batches, precision, device, ...)."""
     from quadranet.bench.runner import ChildProcesses, progress
     from quadranet.bench.throughput import model_costs
 
-    check_modes(modes, device)
+    check_modes(modes, settings.get("device", "cuda"))
+    img_size = settings.get("img_size", 224)
     rows = []
     with ChildProcesses("default", threads, preload=[__name__]) as children:
         children.start()
@@ -255,11 +246,7 @@ def run_steps_bench(
         for mode in modes:
             for name in models:
                 progress(f"[steps] {mode}: {name} ({time.perf_counter() - begin:.0f}s elapsed)")
-                job = dict(
-                    name=name, mode=mode, img_size=img_size, batch=batch,
-                    train_batch=train_batch, precision=precision, channels_last=channels_last,
-                    steps=steps, warmup=warmup, device=device, drop_path_rate=drop_path_rate,
-                )  # fmt: skip
+                job = dict(name=name, mode=mode, **settings)
                 res = children.run(f"{__name__}:measure_model", job)
                 rows.append(_row(name, mode, macs[name], res))
     _add_ratios(rows)
