@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from quadranet.bench import runner, throughput
+from quadranet.bench import runner, steps, throughput
 from quadranet.bench.measure import GemmShape, count_params, gemm_seconds, record_gemms
 from quadranet.bench.reference import (
     ElementwiseLayerNorm2d,
@@ -106,6 +106,31 @@ def test_step_bench_modes_on_cpu(tmp_path, capsys):
     # CUDA graphs need a GPU: a clear error, no traceback
     assert main(args[:3] + ["graph"] + args[4:]) == 2
     assert "need --device cuda" in capsys.readouterr().err
+
+
+def _scaled_backend(gm, example_inputs):
+    """A compiler that is wrong on purpose: every output of the graph times 1.1."""
+    return lambda *args: [out * 1.1 for out in gm(*args)]
+
+
+def test_compiled_parity_matches_eager_and_catches_a_wrong_compiler():
+    """The step benchmark's check of a compiled training step against eager: the same
+    drop-path masks (errors at rounding level), and a wrong compiler is reported."""
+    torch.manual_seed(0)
+    model = timm.create_model("quadranet25_xxs", drop_path_rate=0.5, num_classes=10)
+    x, target = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    good = steps.compiled_parity(model, x, target, "fp32", backend="aot_eager")
+    assert good["loss_rel_err"] < 1e-6 and good["grad_rel_err"] < 1e-5, good
+    assert all(p.grad is None for p in model.parameters())  # the model itself is untouched
+    bad = steps.compiled_parity(model, x, target, "fp32", backend=_scaled_backend)
+    assert bad["grad_rel_err"] > 1e-2, bad
+    rows = [
+        dict(mode="compile", model="a", **good),
+        dict(mode="compile", model="b", **bad),
+        dict(mode="eager", model="c", grad_rel_err=None, loss_rel_err=None),
+    ]
+    failures = steps.parity_failures(rows, "fp32")
+    assert len(failures) == 1 and failures[0].startswith("compile b: compiled step differs")
 
 
 @pytest.mark.slow
@@ -263,7 +288,7 @@ def test_child_processes():
 
 PEAK_SCRIPT = """
 import torch
-from quadranet.bench import runner, throughput
+from quadranet.bench import runner, steps, throughput
 with runner.track_peak_memory("cpu") as peak:
     x = torch.ones(16 * 2**20)  # 64 MiB, touched, then freed
     del x

@@ -13,12 +13,15 @@ synchronisation (on the CPU: a wall clock around them). One more profiled step g
 kernel launches per step and the GPU-busy fraction (kernel time / step time). Training
 runs with drop-path, as the engine trains; `cudnn.benchmark` is on. Compiled models run
 their timed steps with recompilation turned into an error, so the numbers are for one
-graph. Modes are only compared within a mode.
+graph, and are first checked against eager: loss and gradients of one training step, with
+the same drop-path masks (inductor draws random numbers as eager does for the check only).
+Modes are only compared within a mode.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +32,10 @@ import torch.nn.functional as F
 MODES = ("eager", "graph", "compile", "compile-graph")
 GRAPH_MODES = ("graph", "compile-graph")
 MiB = 2**20
+# Largest relative error of a compiled step's loss and gradients against eager that still
+# counts as a match: fp32 differs only in summation order; bf16 rounds fused
+# intermediates differently.
+PARITY_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
 
 
 def check_modes(modes: list[str], device: str) -> list[str]:
@@ -91,6 +98,39 @@ def _captured(step: Callable[[], Any], warmup: int) -> Callable[[], Any]:
     return graph.replay
 
 
+def compiled_parity(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    precision: str = "bf16",
+    backend: str = "inductor",
+) -> dict[str, float]:
+    """Relative error of one compiled training step against eager, on copies of `model`:
+    the loss, and the largest over parameters of |grad_compiled - grad_eager| / |grad_eager|
+    (Frobenius norms). Both draw the same drop-path masks from the same seed."""
+    device_type = x.device.type
+    bf16 = precision == "bf16"
+    grads = []
+    for compiled in (False, True):
+        net = copy.deepcopy(model).train()
+        run = torch.compile(net, backend=backend, fullgraph=True) if compiled else net
+        torch.manual_seed(0)
+        with torch._inductor.config.patch(fallback_random=True):
+            with torch.autocast(device_type, torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(run(x), target)
+            loss.backward()
+        grads.append((loss.detach().float(), [p.grad for p in net.parameters()]))
+    (loss_e, grads_e), (loss_c, grads_c) = grads
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+    grad_err = max(
+        (rel(c, e) for c, e in zip(grads_c, grads_e, strict=True) if e is not None), default=0.0
+    )
+    return dict(loss_rel_err=rel(loss_c, loss_e), grad_rel_err=grad_err)
+
+
 def measure_steps(
     model: torch.nn.Module,
     mode: str,
@@ -110,7 +150,9 @@ def measure_steps(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     run = model
+    parity: dict[str, float] = {}
     if mode.startswith("compile"):
+        parity = compiled_parity(model, x_train, target, precision)
         kind = "reduce-overhead" if mode == "compile-graph" else "default"
         run = torch.compile(model, mode=kind, fullgraph=True, dynamic=False)
     bf16 = precision == "bf16"
@@ -191,6 +233,7 @@ def measure_steps(
         )
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    out["parity"] = parity
     return out
 
 
@@ -267,7 +310,22 @@ def _row(name: str, mode: str, gmacs: float, res: dict[str, Any]) -> dict[str, A
     row["peak_alloc_mib"] = res["train"]["peak_alloc_mib"]
     row["peak_reserved_mib"] = res["train"]["peak_reserved_mib"]
     row["device_name"] = res.get("device_name", "CPU")
+    parity = res.get("parity") or {}
+    row["grad_rel_err"] = parity.get("grad_rel_err")
+    row["loss_rel_err"] = parity.get("loss_rel_err")
     return row
+
+
+def parity_failures(rows: list[dict[str, Any]], precision: str) -> list[str]:
+    """One line per compiled row whose loss or gradients do not match eager's."""
+    tolerance = PARITY_TOLERANCE[precision]
+    return [
+        f"{r['mode']} {r['model']}: compiled step differs from eager (loss {r['loss_rel_err']:.1e}"
+        f", gradients {r['grad_rel_err']:.1e}; tolerance {tolerance:g})"
+        for r in rows
+        if r.get("grad_rel_err") is not None
+        and max(r["grad_rel_err"], r["loss_rel_err"]) > tolerance
+    ]
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -314,6 +372,7 @@ def write_steps_report(
         Column("infer_busy_pct", "GPU busy infer", "{:.0f}%"),
         Column("train_setup_s", "train set-up (s)", "{:.1f}"),
         Column("infer_setup_s", "infer set-up (s)", "{:.1f}"),
+        Column("grad_rel_err", "grad. rel. error vs eager", "{:.1e}"),
     ]
     notes = [
         f"{device}; {settings['img_size']}x{settings['img_size']}, {precision}"
@@ -331,6 +390,9 @@ def write_steps_report(
         "modes (compare within a mode): eager; graph = the whole step captured in one CUDA "
         "graph (capturable AdamW); compile = torch.compile(fullgraph=True); compile-graph = "
         "mode='reduce-overhead'; compiled steps run with recompilation as an error",
+        "grad. rel. error vs eager: a compiled training step's largest relative gradient "
+        "error against eager (same drop-path masks); the command fails above "
+        f"{PARITY_TOLERANCE[precision]:g}",
         "launches: CUDA kernels in one profiled step; GPU busy: their summed time / step time; "
         "set-up: warm-up (and compile, capture) wall time; peak alloc.: "
         "torch.cuda.max_memory_allocated during training above what was allocated before",
@@ -343,6 +405,6 @@ def write_steps_report(
     for key, title in (("train_ips", "training"), ("infer_ips", "inference")):
         series = {m: [by.get((m, n), {}).get(key) for n in models] for m in modes}
         panels.append(Panel(f"{title} ({device}, {precision})", "images/s", models, series))
-    keys = [c.key for c in cols] + ["device_name"]
+    keys = [c.key for c in cols] + ["loss_rel_err", "device_name"]
     title = f"Training and inference steps on {device} ({precision})"
     return write_report(output, f"steps_{precision}", title, notes, rows, cols, keys, panels)

@@ -417,7 +417,10 @@ def _cmd_steps(args: argparse.Namespace) -> int:
     json_path.write_text(json.dumps(dict(settings=settings, rows=rows), indent=1))
     print(paths["md"].read_text())
     print(f"wrote {', '.join(str(p) for p in [*paths.values(), json_path])}")
-    return 0
+    failures = steps.parity_failures(rows, args.precision)
+    for line in failures:
+        print(f"quadranet bench throughput: error: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _cmd_throughput(args: argparse.Namespace) -> int:
