@@ -57,3 +57,74 @@ def test_each_command_help_shows_its_own_defaults(capsys, command, shown):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert shown in " ".join(capsys.readouterr().out.split())
+
+
+def test_push_writes_a_folder_timm_loads_with_the_run_settings(tmp_path, capsys):
+    """A checkpoint of an MNIST run becomes config.json + model.safetensors: local-dir:
+    rebuilds the model with its weights and its data settings (1 channel, 28 px, MNIST
+    normalisation, nothing cropped away)."""
+    import json
+
+    import timm
+    import torch
+
+    from quadranet.engine import checkpoint as ckpt
+    from quadranet.models import create_model
+
+    tiny = dict(stem_stride=2, depths=[1, 1, 1], dims=[8, 16, 32])
+    torch.manual_seed(0)
+    source = create_model("quadranet25_xxs", in_chans=1, num_classes=10, **tiny).eval()
+    config = dict(model="quadranet25_xxs", model_kwargs=tiny, dataset="mnist", img_size=None)
+    path = ckpt.save_weights(tmp_path / "best.safetensors", source.state_dict(), {"config": config})
+    out = tmp_path / "hub"
+    assert main(["push", str(path), "--to", str(out)]) == 0
+    assert f"local-dir:{out}" in capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())
+    cfg = saved["pretrained_cfg"]
+    assert saved["architecture"] == "quadranet25_xxs" and saved["num_classes"] == 10
+    assert cfg["input_size"] == [1, 28, 28] and cfg["mean"] == [0.1307] and cfg["crop_pct"] == 1.0
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+
+
+def test_push_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["push", str(tmp_path / "gone.safetensors"), "--to", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_launcher_help_and_version_match_the_full_parser(capsys):
+    """The console script answers --help, --version and a bare `quadranet` from its own
+    table: exactly what the full parser prints."""
+    import quadranet_cli
+    from quadranet import __version__
+    from quadranet.cli import build_parser
+
+    full = build_parser()
+    assert quadranet_cli.installed_version() == __version__
+    for argv, status in ((["--help"], 0), (["-h"], 0), ([], 2)):
+        assert quadranet_cli.main(argv) == status
+        assert capsys.readouterr().out == full.format_help()
+    assert quadranet_cli.main(["--version"]) == 0
+    shown = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        full.parse_args(["--version"])
+    assert shown == capsys.readouterr().out == f"quadranet {__version__}\n"
+    with pytest.raises(SystemExit):  # anything else is the full command line
+        quadranet_cli.main(["train", "--help"])
+    assert "--initial-checkpoint" in capsys.readouterr().out
+
+
+def test_launcher_help_does_not_import_torch():
+    code = (
+        "import sys, quadranet_cli\n"
+        "status = quadranet_cli.main(['--help'])\n"
+        "assert 'torch' not in sys.modules and 'quadranet' not in sys.modules, 'imported'\n"
+        "sys.exit(status)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "COMMAND" in result.stdout and "push" in result.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +258,48 @@ def test_image_folder_uses_timm_imagenet_transforms(tmp_path):
     resize = next(t for t in val.transforms if isinstance(t, T.Resize))
     assert resize.size in (36, [36]) and resize.interpolation == T.InterpolationMode.BICUBIC
     assert any(isinstance(t, T.CenterCrop) for t in val.transforms)
+
+
+# --- timm datasets (folder/, hfds/, wds/, ...) through timm.data.create_dataset -------------
+
+
+def test_timm_folder_spelling_reads_through_create_dataset(tmp_path):
+    from timm.data import ImageDataset
+
+    root = _image_tree(tmp_path / "tiny", classes=("cat", "dog", "eel"))
+    for path in (root / "val" / "dog").iterdir():  # val lacks a class: indices must still agree
+        path.unlink()
+    (root / "val" / "dog").rmdir()
+    info = dataset_info(f"folder/{root}")
+    assert (info.num_classes, info.in_chans, info.train_size, info.folder) == (3, 3, 6, True)
+    same = (dataset_info("folder/", str(root)), dataset_info("folder/tiny", str(tmp_path)))
+    assert all(i.num_classes == 3 and i.train_size == 6 for i in same)
+    train = build_dataset(f"folder/{root}", "train", img_size=16)
+    val = build_dataset("folder/tiny", "val", root=str(tmp_path), img_size=16)
+    assert isinstance(train, ImageDataset) and isinstance(val, ImageDataset)
+    assert sorted(train[i][1] for i in range(len(train))) == [0, 0, 1, 1, 2, 2]
+    assert sorted(val[i][1] for i in range(len(val))) == [0, 0, 2, 2]  # cat and eel
+    x, _ = val[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    gray = dataset_info(f"folder/{root}", input_img_mode="L")
+    assert gray.in_chans == 1 and len(gray.mean) == 1
+    with pytest.raises(DataError, match="is not a folder"):
+        dataset_info(f"folder/{tmp_path / 'nowhere'}")
+    with pytest.raises(DataError, match="names no folder"):
+        dataset_info("folder/")
+
+
+@pytest.mark.parametrize(
+    "name, module, install",
+    [("hfds/mnist", "datasets", "pip install datasets"),
+     ("hfids/mnist", "datasets", "pip install datasets"),
+     ("wds/shards", "webdataset", "pip install webdataset"),
+     ("tfds/mnist", "tensorflow_datasets", "pip install tensorflow-datasets")],
+)  # fmt: skip
+def test_timm_dataset_without_its_package_names_the_pip_install(monkeypatch, name, module, install):
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    needs = rf"--dataset {name} needs the '{module}' package: {install}"
+    with pytest.raises(DataError, match=needs):
+        dataset_info(name)
+    with pytest.raises(DataError, match=install):
+        build_dataset(name, "train")

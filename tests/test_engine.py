@@ -7,6 +7,9 @@ import copy
 import json
 import math
 import os
+import re
+import sys
+import types
 
 import pytest
 import timm
@@ -494,3 +497,226 @@ def test_sigterm_writes_a_checkpoint_at_the_next_step_and_resume_continues(tmp_p
     argv += ["--limit-train-batches", "4", "--workers", "0", "--warmup-epochs", "0"]
     argv += ["--output", str(tmp_path / "cli")]
     assert cli_main(argv) == EXIT_PREEMPTED
+
+
+# --- timm's starting-weight, memory and logging flags ----------------------------------------
+
+TINY_QUADRANET = dict(stem_stride=2, depths=[1, 1, 1], dims=[8, 16, 32])  # takes 8x8 inputs
+
+
+def _cli_train(tmp_path, *extra: str) -> list[str]:
+    """A `quadranet train` command line for the tiny fake-data run."""
+    argv = ["train", "--model", "engine_tiny_net", "--dataset", "fake", "--epochs", "1"]
+    argv += ["--dataset-kwargs", json.dumps(FAKE), "--batch-size", "8", "--no-ema", "--quiet"]
+    argv += ["--workers", "0", "--warmup-epochs", "0", "--output", str(tmp_path / "cli")]
+    return argv + list(extra)
+
+
+def test_timm_weight_memory_and_logging_flags_parse():
+    from quadranet.cli import build_parser
+
+    argv = ["train", "--pretrained", "--pretrained-path", "w.pth", "--grad-checkpointing"]
+    argv += ["--log-interval", "10", "--log-tensorboard", "--log-wandb"]
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert (cfg.pretrained, cfg.pretrained_path, cfg.initial_checkpoint) == (True, "w.pth", None)
+    args = build_parser().parse_args(["train", "--initial-checkpoint", "r"])
+    assert config_from_args(args).initial_checkpoint == "r"
+    assert (cfg.grad_checkpointing, cfg.log_interval) == (True, 10)
+    assert cfg.log_tensorboard and cfg.log_wandb
+    assert TrainConfig(pretrained_path="w.pth").pretrained  # the path implies --pretrained
+    with pytest.raises(ConfigError, match="pass one of them"):
+        TrainConfig(pretrained=True, initial_checkpoint="r")
+    with pytest.raises(ConfigError, match="log_interval must be >= 0"):
+        TrainConfig(log_interval=-1)
+    eval_args = build_parser().parse_args(["eval", "--checkpoint", "r"])
+    assert not {"pretrained", "initial_checkpoint"} & set(vars(eval_args))  # training only
+
+
+def test_initial_checkpoint_loads_the_weights_with_a_fresh_optimizer(tmp_path):
+    first = train(tiny_cfg(tmp_path, epochs=1))
+    best, _ = ckpt.load_weights(first.output_dir / "best.safetensors")
+    state = ckpt.load_state(first.output_dir / "last.pt")
+    timm_style = tmp_path / "timm.pth"  # a timm train.py checkpoint: wrapped, DDP prefixes
+    wrapped = {f"module.{k}": v for k, v in best.items()}
+    torch.save({"state_dict": wrapped, "epoch": 1, "args": argparse.Namespace(lr=0.1)}, timm_style)
+    for source, expected in (
+        (first.output_dir, best),  # a run folder: its best weights
+        (first.output_dir / "last.pt", state["model"]),  # a training state: its model
+        (timm_style, best),
+    ):
+        cfg = tiny_cfg(tmp_path, output=str(tmp_path / "second"), initial_checkpoint=str(source))
+        trainer = Trainer(cfg)
+        assert all(torch.equal(v, expected[k]) for k, v in trainer.model.state_dict().items())
+        assert trainer.step == 0 and not trainer.optimizer.state  # optimizer starts afresh
+    second = trainer.fit()
+    saved = yaml.safe_load((second.output_dir / "config.yaml").read_text())
+    assert saved["initial_checkpoint"] == str(timm_style)
+    report = (second.output_dir / "report.md").read_text()
+    assert f"| initial weights | --initial-checkpoint {timm_style} |" in report
+
+
+def test_initial_checkpoint_of_another_shape_is_one_clear_line(tmp_path, capsys):
+    first = train(tiny_cfg(tmp_path, epochs=1))
+    other = dict(FAKE, num_classes=5)
+    cfg = tiny_cfg(tmp_path, output=str(tmp_path / "b"), dataset_kwargs=other)
+    with pytest.raises(ckpt.CheckpointError, match=r"does not fit .*fc.weight is \(4, 8\) there"):
+        Trainer(cfg.replace(initial_checkpoint=str(first.output_dir)))
+    argv = _cli_train(tmp_path, "--initial-checkpoint", str(first.output_dir / "best.safetensors"))
+    argv[argv.index("--dataset-kwargs") + 1] = json.dumps(other)
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "--pretrained-path" in err and len(err.splitlines()) == 1
+
+
+def test_pretrained_path_loads_a_backbone_with_a_new_classifier(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = timm.create_model("quadranet25_xxs", in_chans=1, num_classes=10, **TINY_QUADRANET)
+    path = tmp_path / "backbone.safetensors"
+    save_file(source.state_dict(), str(path))
+    cfg = tiny_cfg(tmp_path, model="quadranet25_xxs", model_kwargs=TINY_QUADRANET)
+    trainer = Trainer(cfg.replace(pretrained_path=str(path)))
+    weights = trainer.model.state_dict()
+    assert torch.equal(weights["stem.0.weight"], source.state_dict()["stem.0.weight"])
+    assert weights["head.fc.weight"].shape == (4, 32)  # fake data's 4 classes, new classifier
+    assert trainer.initial_weights == f"pretrained ({path})"
+    with pytest.raises(ConfigError, match="--pretrained-path"):
+        Trainer(cfg.replace(pretrained=True))  # no weights are published: say how to give some
+    wider = dict(TINY_QUADRANET, dims=[8, 16, 64])
+    with pytest.raises(ConfigError, match=r"cannot load .*backbone.safetensors into quadranet25"):
+        Trainer(cfg.replace(pretrained_path=str(path), model_kwargs=wider))
+
+
+def test_grad_checkpointing_flag_reaches_the_model(tmp_path):
+    cfg = tiny_cfg(tmp_path, model="quadranet25_xxs", model_kwargs=TINY_QUADRANET, epochs=1)
+    result = train(cfg.replace(grad_checkpointing=True, limit_train_batches=2))
+    assert "grad checkpointing" in (result.output_dir / "report.md").read_text()
+    trainer = Trainer(cfg.replace(grad_checkpointing=True, output=str(tmp_path / "b")))
+    assert all(stage.grad_checkpointing for stage in trainer.model.stages)
+    with pytest.raises(ConfigError, match="has no set_grad_checkpointing"):
+        Trainer(tiny_cfg(tmp_path / "c", grad_checkpointing=True))  # TinyNet has no such method
+
+
+def test_per_step_lines_every_log_interval(tmp_path, capsys):
+    train(tiny_cfg(tmp_path, quiet=False, log_interval=3, epochs=2))
+    out = capsys.readouterr().out  # not a terminal: lines, not a progress bar
+    steps = [line for line in out.splitlines() if "  step " in line]
+    pattern = r"epoch [12]/2  step (3|6|8)/8  loss \d+\.\d{4}  lr \S+  \d+ img/s"
+    assert len(steps) == 6 and all(re.fullmatch(pattern, line) for line in steps), steps
+    assert [line.split()[3] for line in steps[:3]] == ["3/8", "6/8", "8/8"]
+    train(tiny_cfg(tmp_path, quiet=False, log_interval=0, output=str(tmp_path / "b")))
+    assert "  step " not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flag, modules, package",
+    [
+        ("log_tensorboard", ("tensorboard", "torch.utils.tensorboard"), "pip install tensorboard"),
+        ("log_wandb", ("wandb",), "pip install wandb"),
+    ],
+)
+def test_a_missing_logger_package_is_one_clear_line(
+    tmp_path, monkeypatch, capsys, flag, modules, package
+):
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)  # `import module` fails
+    with pytest.raises(ConfigError, match=package):
+        Trainer(tiny_cfg(tmp_path, **{flag: True}))
+    assert cli_main(_cli_train(tmp_path, "--" + flag.replace("_", "-"))) == 2
+    err = capsys.readouterr().err
+    assert package in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "cli").exists()  # refused before any work
+
+
+def test_wandb_gets_step_and_epoch_scalars(tmp_path, monkeypatch):
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append((step, values))
+
+        def finish(self):
+            calls.append("finish")
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    train(tiny_cfg(tmp_path, log_wandb=True, log_interval=4, epochs=2))
+    assert calls[0]["project"] == "quadranet" and calls[0]["config"]["model"] == "engine_tiny_net"
+    logged = calls[1:-1]
+    assert [step for step, _ in logged] == [4, 8, 8, 12, 16, 16]
+    assert set(logged[0][1]) == {"train/loss", "train/lr", "train/images_per_s"}
+    assert {"epoch", "train/loss", "val/top1", "train/lr"} <= set(logged[2][1])
+    assert calls[-1] == "finish"
+
+
+def test_tensorboard_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    result = train(tiny_cfg(tmp_path, log_tensorboard=True, epochs=1))
+    assert list((result.output_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _png_tree(root, classes=("a", "b", "c", "d"), per_class=4, size=12):
+    """An ImageNet-layout folder of random PNGs: root/{train,val}/<class>/<i>.png."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_train_on_a_timm_folder_dataset(tmp_path):
+    root = _png_tree(tmp_path / "pngs")
+    cfg = tiny_cfg(tmp_path, dataset="folder/", data_root=str(root), dataset_kwargs={})
+    result = train(cfg.replace(img_size=8, epochs=1, batch_size=4))
+    assert result.summary["num_classes"] == 4 and result.summary["in_chans"] == 3
+    assert result.history[0]["val_top1"] >= 0 and result.final["top1"] is not None
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A streamed dataset the way timm's readers make them: it shuffles per `set_epoch`,
+    knows its length, and applies `transform` to PIL images."""
+
+    def __init__(self, length: int = 32) -> None:
+        self.length, self.epochs, self.transform = length, [], None
+        self.reader = types.SimpleNamespace(class_to_idx={c: i for i, c in enumerate("abcd")})
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        from PIL import Image
+
+        gen = torch.Generator().manual_seed(len(self.epochs))
+        for _ in range(self.length):
+            pixels = torch.randint(0, 256, (8, 8, 3), generator=gen, dtype=torch.uint8)
+            image = Image.fromarray(pixels.numpy())
+            yield self.transform(image), int(torch.randint(4, (), generator=gen))
+
+
+def test_train_on_a_stream(tmp_path, monkeypatch):
+    """hfids/, wds/, tfds/ sets are streams: no sampler, set_epoch each epoch, --max-samples
+    refused (the reader is stubbed: webdataset need not be installed)."""
+    import quadranet.data as data
+
+    stream = _Stream()
+    monkeypatch.setitem(data.TIMM_PREFIXES, "wds", None)
+    monkeypatch.setattr(data, "_timm_dataset", lambda *args: stream)
+    cfg = tiny_cfg(tmp_path, dataset="wds/shards", dataset_kwargs={}, img_size=8, batch_size=8)
+    result = train(cfg)
+    assert len(result.history) == 2 and stream.epochs[-2:] == [0, 1]
+    assert result.summary["num_classes"] == 4
+    with pytest.raises(ConfigError, match="--max-samples needs a dataset with random access"):
+        Trainer(cfg.replace(max_samples=8, output=str(tmp_path / "b")))

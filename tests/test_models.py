@@ -7,7 +7,7 @@ import timm
 import torch
 
 import quadranet
-from quadranet.bench.measure import count_macs, count_params
+from quadranet.bench.measure import count_macs, count_params, saved_tensor_bytes
 from quadranet.blocks import MixerBlock, QuadraBlock
 from quadranet.models import create_model, list_models
 from quadranet.models.quadranet import QuadraNet, checkpoint_filter_fn
@@ -120,17 +120,35 @@ def test_features_only_through_timm():
     assert model.feature_info.reduction() == [8, 32]
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("name", ["quadranet25_xxs", "hornet_t"])
+def test_grad_checkpointing_keeps_less_and_gives_the_same_gradients(name):
     torch.manual_seed(0)
-    model = timm.create_model("quadranet25_xxs", num_classes=3)
+    model = timm.create_model(name, num_classes=3, depths=(1, 1, 2, 1))
     x = torch.randn(2, 3, 32, 32)
-    model(x).sum().backward()
-    ref = [p.grad.clone() for p in model.parameters()]
+    params = tuple(model.parameters())
+    kept = saved_tensor_bytes(lambda: model(x).sum().backward(), exclude=params)
+    ref = [p.grad.clone() for p in params]
     model.zero_grad()
     model.set_grad_checkpointing(True)
-    model(x).sum().backward()
-    for g, p in zip(ref, model.parameters()):
+    checkpointed = saved_tensor_bytes(lambda: model(x).sum().backward(), exclude=params)
+    assert checkpointed < kept / 2
+    for g, p in zip(ref, params):
         torch.testing.assert_close(p.grad, g)
+    model.set_grad_checkpointing(False)
+    assert saved_tensor_bytes(lambda: model(x), exclude=params) == kept
+
+
+def test_grad_checkpointing_recomputes_on_the_forward_kernel_route():
+    """The forward runs with the kernels off, the backward outside that setting: the
+    recomputation must take the forward's route (checkpoint refuses a different one)."""
+    model = timm.create_model("quadranet25_xxs", num_classes=3, depths=(1, 1, 2, 1))
+    model = model.to(memory_format=torch.channels_last)
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with quadranet.ops.kernels("off"):
+        loss = model(x).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_small_images_with_stem_stride():
@@ -468,3 +486,72 @@ def test_prune_only_the_head():
     with torch.no_grad():
         (last,) = model.forward_intermediates(x, indices=1, intermediates_only=True)
         assert torch.equal(model(x), last)
+
+
+# --- pretrained_cfg follows the model's input ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, input_size, pool_size",
+    [
+        ({}, (3, 224, 224), (7, 7)),
+        ({"in_chans": 1}, (1, 224, 224), (7, 7)),
+        ({"stem_stride": 2}, (3, 112, 112), (7, 7)),
+        ({"stem_stride": 1, "in_chans": 1}, (1, 56, 56), (7, 7)),
+        ({"img_size": 64}, (3, 64, 64), (2, 2)),
+        ({"img_size": (64, 96), "in_chans": 4}, (4, 64, 96), (2, 3)),
+    ],
+)
+def test_pretrained_cfg_follows_in_chans_stem_stride_and_img_size(kwargs, input_size, pool_size):
+    model = meta_model("quadranet36_t", **kwargs)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == input_size and cfg["pool_size"] == pool_size
+    assert cfg["first_conv"] == "stem.0" and model.default_cfg is cfg
+    assert len(cfg["mean"]) == len(cfg["std"]) == input_size[0]
+    if input_size[0] != 3:  # timm's rule: the channels' mean of the ImageNet statistics
+        assert cfg["mean"][0] == pytest.approx(sum(timm.data.IMAGENET_DEFAULT_MEAN) / 3)
+    data = timm.data.resolve_data_config({}, model=model)
+    assert data["input_size"] == input_size
+    assert timm.data.resolve_input_data_config(model)["input_size"] == input_size
+
+
+def test_pretrained_cfg_of_features_only_and_a_saved_cfg():
+    features = meta_model("quadranet25_xxs", features_only=True, in_chans=1, stem_stride=1)
+    assert features.pretrained_cfg["input_size"] == (1, 56, 56)
+    saved = dict(meta_model("quadranet25_xxs", stem_stride=1).pretrained_cfg)
+    again = meta_model("quadranet25_xxs", stem_stride=1, pretrained_cfg=saved)
+    assert again.pretrained_cfg["input_size"] == (3, 56, 56)  # not scaled a second time
+
+
+# --- save_for_hf: timm's hub layout --------------------------------------------------------
+
+
+def test_save_for_hf_round_trips_through_local_dir(tmp_path):
+    kwargs = dict(in_chans=1, num_classes=10, stem_stride=1, depths=(1, 1, 1, 1))
+    source = _randomized(timm.create_model("quadranet25_xxs", **kwargs))
+    folder = quadranet.save_for_hf(source, tmp_path / "hub")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "quadranet25_xxs" and config["num_classes"] == 10
+    assert config["model_args"]["stem_stride"] == 1 and config["model_args"]["in_chans"] == 1
+    assert config["pretrained_cfg"]["input_size"] == [1, 56, 56]
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert loaded.pretrained_cfg["input_size"] == (1, 56, 56)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+
+
+def test_save_for_hf_keeps_a_searched_architecture(tmp_path):
+    arch = {
+        "space": "quadra",
+        "dims": [8, 16],
+        "stem_stride": 2,
+        "stages": [["quadra_k3_e2"], ["quadra_k5_e2", "identity"]],
+    }
+    source = _randomized(timm.create_model("quadranet_nas", arch=arch, num_classes=3))
+    folder = quadranet.save_for_hf(source, tmp_path / "nas")
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))

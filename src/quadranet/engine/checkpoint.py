@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -17,6 +18,12 @@ import torch
 
 STATE_NAME = "last.pt"
 STATE_FORMAT = 1
+# Entries `--resume` cannot do without (older states may also hold a 'scheduler', unused now:
+# the schedule is rebuilt from the step).
+RESUME_ENTRIES = ("model", "optimizer", "epoch", "step", "rng", "config")
+# Weights files written with each training state, named `<tag>.safetensors` beside it; the
+# state, written last, records their digests so that a save cut between them is detected.
+PAIRED_WEIGHTS = ("last", "last_ema")
 
 
 class CheckpointError(ValueError):
@@ -275,6 +282,74 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
+def check_resume_state(path: str | Path, state: Mapping[str, Any]) -> None:
+    """A CheckpointError naming the entry of a training state that `--resume` cannot use
+    (missing, of the wrong kind, or an RNG state that does not restore)."""
+    fix = (
+        "the file was edited or damaged: resume from an intact copy, or start over with --overwrite"
+    )
+    missing = [key for key in RESUME_ENTRIES if key not in state]
+    if missing:
+        names = ", ".join(f"'{key}'" for key in missing)
+        entries = "entry" if len(missing) == 1 else "entries"
+        raise CheckpointError(f"{path} lacks the {entries} {names} that --resume needs; {fix}")
+    for key in ("model", "optimizer", "config"):
+        if not isinstance(state[key], Mapping):
+            raise CheckpointError(
+                f"{path}: entry '{key}' must be a mapping, not {type(state[key]).__name__}; {fix}"
+            )
+    if state["config"].get("ema") and not isinstance(state.get("ema"), Mapping):
+        raise CheckpointError(
+            f"{path} lacks the entry 'ema' that --resume needs (the run keeps an EMA); {fix}"
+        )
+    for key in ("epoch", "step", "batch"):
+        value = state.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(
+                f"{path}: entry '{key}' must be a whole number >= 0, not {value!r}; {fix}"
+            )
+    rng = state["rng"]
+    if not isinstance(rng, list | tuple) or not rng:
+        raise CheckpointError(f"{path}: entry 'rng' must list one RNG state per process; {fix}")
+    for rank, entry in enumerate(rng):
+        problem = rng_state_problem(entry)
+        if problem is not None:
+            raise CheckpointError(
+                f"{path}: entry 'rng' (process {rank}) is malformed: {problem}; {fix}"
+            )
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_digests(folder: str | Path, tags: tuple[str, ...]) -> dict[str, str]:
+    """{tag: SHA-256} of the `<tag>.safetensors` files in `folder` (tags of PAIRED_WEIGHTS)."""
+    folder = Path(folder)
+    paths = {tag: folder / f"{tag}.safetensors" for tag in tags if tag in PAIRED_WEIGHTS}
+    return {tag: file_sha256(path) for tag, path in paths.items() if path.is_file()}
+
+
+def unmatched_weights(folder: str | Path, state: Mapping[str, Any]) -> list[Path]:
+    """The weights files beside a training state that are not the ones saved with it (a save
+    cut between the weights and the state, or a file copied in). Only the fixed names of
+    PAIRED_WEIGHTS are looked at, never a name read from the state."""
+    recorded = state.get("weights_sha256")
+    if not isinstance(recorded, Mapping):
+        return []
+    unmatched = []
+    for tag in PAIRED_WEIGHTS:
+        path = Path(folder) / f"{tag}.safetensors"
+        if tag in recorded and path.is_file() and file_sha256(path) != recorded[tag]:
+            unmatched.append(path)
+    return unmatched
+
+
 def rng_state() -> dict[str, Any]:
     """The RNG states of python, numpy, torch and CUDA as tensors and plain python."""
     np_state = np.random.get_state()
@@ -294,20 +369,48 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def _python_state(saved: Any) -> tuple:
+    version, internal, gauss = saved
+    return (version, tuple(internal), gauss)
+
+
+def _numpy_state(saved: Mapping[str, Any]) -> tuple:
+    keys = saved["keys"].numpy().astype(np.uint32)
+    return (saved["name"], keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+
+
+def rng_state_problem(state: Any) -> str | None:
+    """What keeps an RNG state saved by `rng_state` from being restored (None: nothing).
+    It is tried on throwaway generators; the global ones are untouched."""
+    if not isinstance(state, Mapping):
+        return f"a {type(state).__name__}, not a mapping"
+    missing = [key for key in ("python", "numpy", "torch") if key not in state]
+    if missing:
+        return f"no {' and '.join(missing)} state"
+    trials = (
+        ("python", lambda: random.Random().setstate(_python_state(state["python"]))),
+        ("numpy", lambda: np.random.RandomState().set_state(_numpy_state(state["numpy"]))),
+        ("torch", lambda: torch.Generator().set_state(state["torch"])),
+    )
+    for name, trial in trials:
+        try:
+            trial()
+        except Exception as err:  # whatever the generator rejects makes the state unusable
+            detail = " ".join(str(err).split()) or type(err).__name__
+            return f"its {name} state does not restore ({detail})"
+    cuda = state.get("cuda")
+    if cuda is not None and not (
+        isinstance(cuda, list | tuple)
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)
+    ):
+        return "its cuda state is not a list of byte tensors"
+    return None
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore states saved by `rng_state`."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    npy = state["numpy"]
-    np.random.set_state(
-        (
-            npy["name"],
-            npy["keys"].numpy().astype(np.uint32),
-            npy["pos"],
-            npy["has_gauss"],
-            npy["cached_gaussian"],
-        )
-    )
+    random.setstate(_python_state(state["python"]))
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"][: torch.cuda.device_count()]

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from quadranet.cli import one_line
 from quadranet.data import DataError
 from quadranet.engine import distributed as D
 from quadranet.engine.checkpoint import CheckpointError
@@ -72,32 +73,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def guard(
     func: Callable[[argparse.Namespace], int], name: str
 ) -> Callable[[argparse.Namespace], int]:
-    """Turn known errors into a one-line message and an exit code; leave the process group."""
+    """Turn known errors into a one-line message and an exit code; leave the process group.
+    With --debug they propagate with their traceback (pre-emption still exits 75)."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except NonFiniteLossError as err:
+        except (ConfigError, CheckpointError, DataError, ValueError, TrainingError) as err:
+            if getattr(args, "debug", False) and not isinstance(err, Preempted):
+                raise
             _error(name, err)
-            return EXIT_NON_FINITE
-        except Preempted as err:
-            _error(name, err)
-            return EXIT_PREEMPTED
-        except (ConfigError, CheckpointError, DataError, ValueError) as err:
-            _error(name, err)
-            return EXIT_BAD_INPUT
-        except TrainingError as err:
-            _error(name, err)
-            return EXIT_FAILED
+            return exit_code(err)
         finally:
             D.cleanup()
 
     return run
 
 
+def exit_code(err: Exception) -> int:
+    """The exit status of a known error: 2 bad input, 3 NaN loss, 75 pre-empted, 1 failed."""
+    if isinstance(err, NonFiniteLossError):
+        return EXIT_NON_FINITE
+    if isinstance(err, Preempted):
+        return EXIT_PREEMPTED
+    if isinstance(err, (ConfigError, CheckpointError, DataError, ValueError)):
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED
+
+
 def _error(name: str, err: Exception) -> None:
     """Print an error line to stderr."""
-    print(f"quadranet {name}: error: {err}", file=sys.stderr, flush=True)
+    print(f"quadranet {name}: error: {one_line(err)}", file=sys.stderr, flush=True)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from typing import Any
 import yaml
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
-ENGINE_GROUPS = ("model", "data", "optim", "augment", "hardware", "run")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+ENGINE_GROUPS = ("model", "weights", "data", "optim", "augment", "hardware", "run")
 EVAL_GROUPS = ("model", "data", "hardware")
 
 
@@ -49,6 +51,25 @@ class TrainConfig:
     )
     num_classes: int | None = _opt(None, "classes of the head (default: the dataset's)", "model")
     drop_path: float = _opt(0.1, "stochastic depth rate (paper: 0.2/0.4/0.5 for T/S/B)", "model")
+    # initial weights (training only: never read back from a checkpoint's config)
+    pretrained: bool = _opt(
+        False,
+        "start from the model's pretrained weights (timm create_model(pretrained=True)); "
+        "QuadraNet models need --pretrained-path",
+        "weights",
+    )
+    pretrained_path: str | None = _opt(
+        None,
+        "weights file (.safetensors/.pth) or saved model folder used as the pretrained weights "
+        "(implies --pretrained; classifier and input channels adapted the timm way)",
+        "weights",
+    )
+    initial_checkpoint: str | None = _opt(
+        None,
+        "start from these weights, every shape equal (a run folder's best, a .safetensors or a "
+        ".pt/.pth state dict); optimizer and schedule start fresh",
+        "weights",
+    )
     # data
     dataset: str = _opt("mnist", "mnist, animal-mnist, cifar10, cifar100, fake or a folder", "data")
     data_root: str | None = _opt(
@@ -80,6 +101,12 @@ class TrainConfig:
     warmup_lr: float = _opt(1e-6, "learning rate at the start of warm-up", "optim")
     min_lr: float = _opt(1e-6, "learning rate at the end of the cosine decay", "optim")
     clip_grad: float | None = _opt(5.0, "clip the gradient norm to this (none: off)", "optim")
+    grad_checkpointing: bool = _opt(
+        False,
+        "recompute each block in backward instead of keeping its activations "
+        "(model.set_grad_checkpointing: less memory, more compute)",
+        "optim",
+    )
     # augmentation and regularisation
     smoothing: float = _opt(0.1, "label smoothing", "augment")
     mixup: float = _opt(0.8, "mixup alpha (0: off)", "augment")
@@ -124,11 +151,20 @@ class TrainConfig:
     seed: int = _opt(42, "random seed", "run")
     save_every: int = _opt(1, "save the last checkpoint every N epochs", "run")
     eval_every: int = _opt(1, "validate every N epochs (and always after the last)", "run")
-    quiet: bool = _opt(False, "no progress bar and no per-epoch lines", "run")
+    quiet: bool = _opt(False, "no progress bar and no per-step or per-epoch lines", "run")
+    log_interval: int = _opt(
+        50, "print a line every N optimizer steps when stdout is not a terminal (0: off)", "run"
+    )
+    log_tensorboard: bool = _opt(
+        False, "write TensorBoard events to <output>/tensorboard (needs tensorboard)", "run"
+    )
+    log_wandb: bool = _opt(False, "log to Weights & Biases (needs wandb)", "run")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_types()[f.name]))
+        if self.pretrained_path:  # timm's pair of flags; the path alone says it all
+            self.pretrained = True
         if self.arch is not None and self.model != "quadranet_nas":
             if self.model != TrainConfig.__dataclass_fields__["model"].default:
                 raise ConfigError(f"--arch builds quadranet_nas; drop --model {self.model}")
@@ -175,8 +211,9 @@ class TrainConfig:
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
         need(self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)} (got {self.amp})")
         need(
-            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
-            f"device must be auto, cpu, cuda or cuda:N (got {self.device})",
+            DEVICE_PATTERN.fullmatch(self.device) is not None,
+            f"device must be auto, cpu, cuda or cuda:N with N a GPU index, e.g. cuda:0 "
+            f"(got {self.device!r})",
         )
         for name in ("max_samples", "limit_train_batches", "limit_val_batches", "num_classes"):
             value = getattr(self, name)
@@ -184,6 +221,11 @@ class TrainConfig:
         need(self.save_every >= 1, f"save_every must be >= 1 (got {self.save_every})")
         need(self.eval_every >= 1, f"eval_every must be >= 1 (got {self.eval_every})")
         need(self.crop_padding >= 0, f"crop_padding must be >= 0 (got {self.crop_padding})")
+        need(self.log_interval >= 0, f"log_interval must be >= 0 (got {self.log_interval})")
+        need(
+            not (self.initial_checkpoint and self.pretrained),
+            "--initial-checkpoint replaces every weight --pretrained would load; pass one of them",
+        )
         if problems:
             raise ConfigError("invalid configuration: " + "; ".join(problems))
 
@@ -230,10 +272,19 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of flag: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what the parser expected and where."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem is None:
+        return " ".join(str(err).split())
+    where = f" (line {err.problem_mark.line + 1}, column {err.problem_mark.column + 1})"
+    context = f"{err.context}: " if err.context else ""
+    return context + err.problem + (where if err.problem_mark else "")
 
 
 @functools.cache
@@ -308,14 +359,21 @@ class _KeyValueAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):  # noqa: D102
         out: dict[str, Any] = {}
         for item in values:
-            if "=" not in item:
-                parsed = yaml.safe_load(item)
-                if not isinstance(parsed, dict):
-                    parser.error(f"{option_string} takes key=value pairs (got {item!r})")
+            key, sep, raw = item.partition("=")
+            try:
+                parsed = yaml.safe_load(raw if sep else item)
+            except yaml.YAMLError as err:
+                parser.error(
+                    f"{option_string}: {item!r} is not valid YAML ({yaml_problem(err)}); give "
+                    "key=value pairs, e.g. depths=[2,2,6,2], or one mapping, e.g. "
+                    "'{depths: [2, 2, 6, 2]}'"
+                )
+            if sep:
+                out[key.strip()] = parsed
+            elif isinstance(parsed, dict):
                 out.update(parsed)
-                continue
-            key, raw = item.split("=", 1)
-            out[key.strip()] = yaml.safe_load(raw)
+            else:
+                parser.error(f"{option_string} takes key=value pairs (got {item!r})")
         setattr(namespace, self.dest, out)
 
 

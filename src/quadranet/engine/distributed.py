@@ -37,14 +37,25 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """`auto` picks CUDA when available and falls back to CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"device must be auto, cpu, cuda or cuda:N with N a GPU index (got {name!r})"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
                 f"device {name} was asked for but CUDA is not available; use --device cpu"
             )
+        count = torch.cuda.device_count()
         if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", local_rank % count)
+        elif device.index >= count:
+            raise ConfigError(
+                f"device {name} was asked for but this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}; pick one of them (or --device cuda)"
+            )
         torch.cuda.set_device(device)
     return device
 
@@ -64,6 +75,24 @@ def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInf
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether an error comes from the process group (a peer died, hung or timed out) rather
+    than from this process's own work."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("gloo" in text or "nccl" in text)
+
+
+def short_error(err: BaseException) -> str:
+    """A backend's error message without its source location and advice: 'Read error ...:
+    Connection reset by peer'."""
+    text = " ".join(str(err).split())
+    if text.startswith("["):
+        text = text.partition("] ")[2] or text
+    return text.split(". ")[0].rstrip(".")
 
 
 def cleanup() -> None:

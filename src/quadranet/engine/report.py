@@ -121,6 +121,7 @@ def write_report(path: str | Path, summary: dict[str, Any]) -> Path:
         "| item | value |",
         "|---|---|",
         f"| model | `{s['model']}`" + (f" ({kwargs})" if kwargs else "") + " |",
+        f"| initial weights | {s.get('initial_weights', 'random initialisation')} |",
         f"| parameters | {s['params']:,} |",
         f"| MACs / image | {'n/a' if macs is None else f'{macs / 1e6:.2f} M'} |",
         f"| input | {s['in_chans']}x{s['img_size']}x{s['img_size']}, {s['num_classes']} classes |",
@@ -133,7 +134,9 @@ def write_report(path: str | Path, summary: dict[str, Any]) -> Path:
         f"| peak memory | {_fmt(s.get('peak_memory_mb'), '.0f', ' MiB')} ({s['memory_kind']}) |",
         f"| wall time | {_fmt(s.get('wall_time_s'), '.1f', ' s')} |",
         f"| hardware | {s['device']} x{s['world_size']}, amp {s['amp']}, "
-        f"channels-last {s['channels_last']} |",
+        f"channels-last {s['channels_last']}"
+        + (", grad checkpointing" if s.get("grad_checkpointing") else "")
+        + " |",
         f"| started / finished | {s.get('started', 'n/a')} / {s.get('finished', 'n/a')} |",
         f"| versions | {s.get('versions', 'n/a')} |",
         f"| source | {s.get('source', 'n/a')} |",

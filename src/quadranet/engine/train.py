@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import itertools
@@ -29,7 +30,14 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    Sampler,
+    Subset,
+)
 from tqdm import tqdm
 
 import quadranet  # noqa: F401  (registers the QuadraNet models with timm)
@@ -39,6 +47,7 @@ from quadranet.engine import checkpoint as ckpt
 from quadranet.engine import distributed as D
 from quadranet.engine import report, runfolder
 from quadranet.engine.config import EVAL_GROUPS, ConfigError, TrainConfig, group_keys
+from quadranet.engine.loggers import RunLoggers, check_available, epoch_scalars
 
 EpochCallback = Callable[["Trainer", dict[str, Any]], bool | None]
 
@@ -156,11 +165,130 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     if cfg.drop_path > 0:
         kwargs["drop_path_rate"] = cfg.drop_path
     try:
-        return timm.create_model(cfg.model, pretrained=False, **kwargs)
+        return _create_model(cfg, kwargs)
     except TypeError as err:
         raise ConfigError(
             f"cannot build {cfg.model} with {kwargs}: {err}; check --model-kwargs"
         ) from err
+    except ConfigError:
+        raise
+    except ValueError as err:  # a value the model refuses, e.g. negative dims
+        where = "the --arch file" if cfg.arch is not None else "--model-kwargs"
+        raise ConfigError(f"cannot build {cfg.model}: {err}; check {where}") from err
+
+
+def _create_model(cfg: TrainConfig, kwargs: dict[str, Any]) -> nn.Module:
+    """`timm.create_model`, with `--pretrained` weights (from `--pretrained-path` when given,
+    a file or a saved model folder, classifier re-initialised as timm's train.py does)."""
+    if not cfg.pretrained:
+        return timm.create_model(cfg.model, pretrained=False, **kwargs)
+    source = "its pretrained weights"
+    if cfg.pretrained_path:
+        path = Path(cfg.pretrained_path).expanduser()
+        if not path.exists():
+            raise ConfigError(f"--pretrained-path {path} does not exist; pass a weights file")
+        overlay: dict[str, Any] = dict(file=str(path), num_classes=-1)
+        if path.is_dir():  # a folder written by `quadranet push` / timm's save_for_hf
+            overlay["source"] = "local-dir"
+        kwargs = dict(kwargs, pretrained_cfg_overlay=overlay)
+        source = str(path)
+    try:
+        return timm.create_model(cfg.model, pretrained=True, **kwargs)
+    except TypeError:
+        raise
+    except Exception as err:  # a file timm cannot read or that does not fit the model
+        hint = (
+            "the file must hold weights of this model (its layout, sizes and channels)"
+            if cfg.pretrained_path
+            else "pass a weights file or folder with --pretrained-path"
+        )
+        raise ConfigError(
+            f"cannot load {source} into {cfg.model} ({type(err).__name__}: "
+            f"{_first_lines(err)}); {hint}"
+        ) from err
+
+
+def load_initial_checkpoint(model: nn.Module, path: str | Path) -> Path:
+    """Load `--initial-checkpoint` weights into `model` (every shape equal); returns the file.
+
+    A run folder gives its best.safetensors. Weights are read without unpickling code
+    (safetensors, or `torch.load(weights_only=True)`); training states, timm checkpoints
+    ("state_dict", "model", EMA entries) and wrapper prefixes are unwrapped, and the official
+    HorNet/QuadraNet layouts are mapped for this family's models.
+    """
+    from quadranet.models.quadranet import QuadraNet, _unwrap_checkpoint, checkpoint_filter_fn
+
+    path = resolve_eval_checkpoint(path)
+    if path.suffix == ".safetensors":
+        state: Any = ckpt.load_weights(path)[0]
+    else:
+        try:  # timm's train.py also stores its argparse.Namespace: plain values only
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ckpt.CheckpointError(
+                f"{path} cannot be read as weights ({type(err).__name__}: "
+                f"{_first_lines(err, 1)}); pass a .safetensors file or a .pt/.pth state dict"
+            ) from err
+    if not isinstance(state, dict):
+        raise ckpt.CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
+    name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    try:
+        if isinstance(model, QuadraNet):
+            state = dict(checkpoint_filter_fn(state, model))
+        else:
+            state = dict(_unwrap_checkpoint(state))
+    except ValueError as err:
+        raise ckpt.CheckpointError(f"--initial-checkpoint {path}: {err}") from err
+    ckpt.check_finite(path, state)
+    own = model.state_dict()
+    wrong = [  # in the model's order
+        f"{key} is {tuple(state[key].shape)} there but {tuple(target.shape)} here"
+        for key, target in own.items()
+        if isinstance(state.get(key), torch.Tensor) and state[key].shape != target.shape
+    ]
+    missing = [key for key in own if key not in state]
+    extra = [key for key in state if key not in own]
+    problem = (
+        f"{len(wrong)} shape(s) differ, e.g. {wrong[0]}"
+        if wrong
+        else f"{len(missing)} weight(s) missing, e.g. {missing[0]}"
+        if missing
+        else f"{len(extra)} unknown weight(s), e.g. {extra[0]}"
+        if extra
+        else None
+    )
+    if problem is not None:
+        raise ckpt.CheckpointError(
+            f"--initial-checkpoint {path} does not fit {name}: {problem}; it needs the same "
+            "model, --model-kwargs and classes (--pretrained-path loads a backbone with a new "
+            "classifier)"
+        )
+    model.load_state_dict(state)
+    return path
+
+
+def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
+    """`model.set_grad_checkpointing(True)` (timm's API), or a ConfigError saying it has none."""
+    setter = getattr(model, "set_grad_checkpointing", None)
+    if not callable(setter):
+        raise ConfigError(f"{name} has no set_grad_checkpointing(); drop --grad-checkpointing")
+    try:
+        setter(True)
+    except (NotImplementedError, AssertionError) as err:
+        raise ConfigError(
+            f"{name} does not support gradient checkpointing ({err}); drop --grad-checkpointing"
+        ) from err
+
+
+def _weights_origin(cfg: TrainConfig, resume: Path | None) -> str:
+    """Where a run's starting weights come from, for the report."""
+    if resume is not None:
+        return f"resumed from {resume}"
+    if cfg.pretrained:
+        source = cfg.pretrained_path or "the model's default source"
+        return f"pretrained ({source})"
+    return "random initialisation"
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -310,9 +438,36 @@ def _random_crop(x: torch.Tensor, padding: int) -> torch.Tensor:
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
+class StreamEpochs:
+    """The sampler role for a streamed (iterable) dataset, which orders and shards its items
+    itself (timm's `hfids/`, `wds/`, `tfds/` readers): `set_epoch` reshuffles, `len` is the
+    stream's length as far as it is known."""
+
+    def __init__(self, dataset: IterableDataset) -> None:
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+    def __len__(self) -> int:
+        try:
+            return len(self.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return 0
+
+
 def _limit(dataset: Dataset, max_samples: int | None) -> Dataset:
     """The first `max_samples` items (all when None)."""
-    if max_samples is None or max_samples >= len(dataset):
+    if max_samples is None:
+        return dataset
+    if isinstance(dataset, IterableDataset):
+        raise ConfigError(
+            "--max-samples needs a dataset with random access, not a stream; use "
+            "--limit-train-batches / --limit-val-batches"
+        )
+    if max_samples >= len(dataset):
         return dataset
     if isinstance(dataset, InMemoryImageDataset):
         return InMemoryImageDataset(
@@ -349,7 +504,7 @@ def build_loader(
     split: str,
     dist_info: D.DistInfo,
     model: nn.Module | None = None,
-) -> tuple[Any, Sampler[int]]:
+) -> tuple[Any, Sampler[int] | StreamEpochs]:
     """A loader of one split: the in-memory fast path when no PIL augmentation is asked for.
     ImageFolder trees are evaluated at `model`'s crop_pct and interpolation (its
     pretrained_cfg, as timm resolves it)."""
@@ -371,6 +526,18 @@ def build_loader(
         )
         dataset = build_dataset(cfg.dataset, split, transform=transform, **common)
     dataset = _limit(dataset, cfg.max_samples)
+    if isinstance(dataset, IterableDataset):  # a stream: it shuffles and shards itself
+        set_loader_cfg = getattr(dataset, "set_loader_cfg", None)
+        if callable(set_loader_cfg):
+            set_loader_cfg(num_workers=cfg.workers)
+        stream = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.workers,
+            pin_memory=dist_info.device.type == "cuda",
+            drop_last=train,
+        )
+        return stream, StreamEpochs(dataset)
     if train:
         sampler: Sampler[int] = DistributedSampler(
             dataset, dist_info.world_size, dist_info.rank, shuffle=True, seed=cfg.seed
@@ -424,7 +591,13 @@ class Trainer:
             resume = str(last) if last.is_file() else None
         elif resume:  # a resumed run writes into its own folder
             self.output_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-        self.resume_path = ckpt.resolve_checkpoint(resume) if resume else None
+        try:
+            self.resume_path = ckpt.resolve_checkpoint(resume) if resume else None
+        except ckpt.CheckpointError as err:
+            raise ckpt.CheckpointError(
+                f"--resume: {err}; to start a new run there, drop --resume (or use --resume "
+                "auto, which resumes only where a checkpoint exists)"
+            ) from None
         if self.resume_path is None and not cfg.overwrite and runfolder.holds_run(self.output_dir):
             raise runfolder.RunFolderError(
                 f"{self.output_dir} holds a run already: continue it with --resume "
@@ -432,6 +605,8 @@ class Trainer:
                 "start over in it with --overwrite, or choose another --output"
             )
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        check_available(cfg)  # a missing logger package is an error before any work
+        self.loggers = RunLoggers()  # the run's own ones are opened by fit()
 
         self.info = get_dataset_info(cfg.dataset, cfg.data_root, **_dataset_kwargs(cfg))
         self.num_classes = resolve_num_classes(cfg, self.info)
@@ -458,6 +633,12 @@ class Trainer:
                 f"the model has {head} outputs but dataset '{self.info.name}' has "
                 f"{self.num_classes} classes; call model.reset_classifier({self.num_classes})"
             )
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(self.model, self.model_name)
+        self.initial_weights = _weights_origin(cfg, self.resume_path)
+        if cfg.initial_checkpoint and self.resume_path is None:  # a resumed run has its own
+            path = load_initial_checkpoint(self.model, cfg.initial_checkpoint)
+            self.initial_weights = f"--initial-checkpoint {path}"
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
 
@@ -503,6 +684,7 @@ class Trainer:
         self.best_top1: float | None = None
         self.best_epoch: int | None = None
         self.history: list[dict[str, Any]] = []
+        self.unmatched_weights: list[Path] = []  # beside the resumed state, not saved with it
         if self.resume_path is not None:
             self.load_training_state(self.resume_path)
 
@@ -575,8 +757,11 @@ class Trainer:
     def _batches(self, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The train loader's batches of this epoch, the first `skip` left out (resuming a
         pre-empted epoch: the sampler's order is fixed by the epoch, so the rest is the
-        same)."""
+        same; a stream is read past them)."""
         loader = self.train_loader
+        if isinstance(self.train_sampler, StreamEpochs):
+            yield from itertools.islice(loader, skip, None)
+            return
         holder = loader.batch_sampler if isinstance(loader, DataLoader) else loader
         original = holder.sampler
         if skip:
@@ -592,6 +777,9 @@ class Trainer:
         self.train_sampler.set_epoch(epoch)
         accum = self.cfg.accum_steps
         show = self.dist.is_main and not self.cfg.quiet and sys.stderr.isatty()
+        interval = self.cfg.log_interval
+        # per-step lines where no one watches the bar: stdout to a file or a job log
+        lines = self.dist.is_main and not self.cfg.quiet and not sys.stdout.isatty()
         bar = tqdm(
             total=self.batches_per_epoch,
             desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
@@ -626,6 +814,9 @@ class Trainer:
             count += n
             if sync:
                 self._optimizer_step(bad, epoch, last_loss)
+                done = (i + 1) // accum
+                if interval and (done % interval == 0 or done == self.steps_per_epoch):
+                    self._log_step(epoch, done, loss_sum / count, count, start, lines)
                 if D.any_true(self.stop_signal is not None, self.device):
                     self.batch = i + 1  # the checkpoint resumes after this batch
                     break
@@ -651,6 +842,23 @@ class Trainer:
             "epoch_time_s": elapsed,
         }
 
+    def _log_step(
+        self, epoch: int, done: int, loss: float, count: float, start: float, line: bool
+    ) -> None:
+        """The per-step line (`line`) and logger scalars: this process's mean loss over the
+        epoch so far, the learning rate of the next step, images/s over all processes."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        rate = count * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
+        if line:
+            print(
+                f"epoch {epoch + 1}/{self.cfg.epochs}  step {done}/{self.steps_per_epoch}  "
+                f"loss {loss:.4f}  lr {lr:.3g}  {rate:.0f} img/s",
+                flush=True,
+            )
+        self.loggers.log(
+            {"train/loss": loss, "train/lr": lr, "train/images_per_s": rate}, step=self.step
+        )
+
     @torch.no_grad()
     def validate(self, model: nn.Module | None = None) -> dict[str, float]:
         """Loss, top-1 and top-5 (%) on the val split, reduced over ranks."""
@@ -671,7 +879,23 @@ class Trainer:
             if self.dist.is_main:
                 stack.enter_context(runfolder.lock(self.output_dir))
                 runfolder.remove_stale_temporaries(self.output_dir)
-            return self._fit(on_epoch_end)
+                for path in self.unmatched_weights:  # written again at the next checkpoint
+                    path.unlink(missing_ok=True)
+            self.loggers = stack.enter_context(
+                RunLoggers(self.cfg, self.output_dir, enabled=self.dist.is_main)
+            )
+            try:
+                return self._fit(on_epoch_end)
+            except RuntimeError as err:
+                if not (self.dist.distributed and D.is_collective_failure(err)):
+                    raise
+                last = self.output_dir / ckpt.STATE_NAME
+                raise TrainingError(
+                    f"this process (rank {self.dist.rank}) lost the other processes of the run "
+                    f"({D.short_error(err)}); one of them probably died (see its log). The "
+                    f"steps since the last checkpoint ({last}) are lost; start all processes "
+                    "again with --resume auto (torchrun --max-restarts does)"
+                ) from err
 
     @contextlib.contextmanager
     def _stop_signals(self) -> Iterator[None]:
@@ -702,7 +926,9 @@ class Trainer:
         wall = time.perf_counter()
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            # --overwrite is this command's choice, not a setting of the run: a later
+            # `--config <run>/config.yaml` must not start the run over
+            config_text = yaml.safe_dump({**cfg.to_dict(), "overwrite": False}, sort_keys=False)
             ckpt.atomic_write(
                 self.output_dir / "config.yaml", lambda f: f.write(config_text.encode())
             )
@@ -746,6 +972,7 @@ class Trainer:
                     self.best_top1, self.best_epoch = score, epoch + 1
                     self._save_weights("best")
             self.history.append(record)
+            self.loggers.log(epoch_scalars(record), step=self.step)
             if self.dist.is_main:
                 report.append_metrics(self.output_dir / report.METRICS_NAME, record)
             self.log(_epoch_line(record, cfg.epochs))
@@ -793,16 +1020,35 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Save last.safetensors and the full training state last.pt (rank 0, atomically)."""
+        """Save last.safetensors and the full training state last.pt (rank 0, atomically).
+        The state is written last and records the weights files' digests, so a save cut
+        between the files is detected at resume."""
         rng = D.all_gather_objects(ckpt.rng_state())
         if not self.dist.is_main:
             return
         self._save_weights("last")
-        ckpt.save_state(self.output_dir / ckpt.STATE_NAME, self.training_state(rng))
+        state = self.training_state(rng)
+        tags = ("last", "last_ema") if self.ema is not None else ("last",)
+        state["weights_sha256"] = ckpt.weights_digests(self.output_dir, tags)
+        ckpt.save_state(self.output_dir / ckpt.STATE_NAME, state)
 
     def load_training_state(self, path: Path) -> None:
         """Restore a state saved by `save_checkpoint` (model, optimizer, RNGs, ...)."""
         state = ckpt.load_state(path)
+        ckpt.check_resume_state(path, state)
+        if self.dist.is_main and path.name == ckpt.STATE_NAME:
+            self.unmatched_weights = ckpt.unmatched_weights(path.parent, state)
+        if self.unmatched_weights:
+            names = " and ".join(str(p) for p in self.unmatched_weights)
+            print(
+                f"note: {names} {'is' if len(self.unmatched_weights) == 1 else 'are'} not the "
+                f"weights saved with {path} (a save was cut between the files); {path} is "
+                f"intact and the run resumes from it (epoch {state['epoch']}, step "
+                f"{state['step']}); the unmatched weights are deleted and written again at the "
+                "next checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
         saved = state.get("config", {})
         for key in RESUME_FIXED:
             if key in saved and saved[key] != getattr(self.cfg, key):
@@ -883,6 +1129,8 @@ class Trainer:
             "world_size": self.dist.world_size,
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
             "channels_last": self.cfg.channels_last,
+            "grad_checkpointing": self.cfg.grad_checkpointing,
+            "initial_weights": self.initial_weights,
             "started": self.started,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             **report.run_provenance(),
@@ -987,7 +1235,8 @@ def evaluate(
     info = get_dataset_info(cfg.dataset, cfg.data_root, **_dataset_kwargs(cfg))
     num_classes = resolve_num_classes(cfg, info)
     if model is None:
-        model = build_model(cfg.replace(drop_path=0.0), num_classes, info.in_chans)
+        no_init = dict(pretrained=False, pretrained_path=None) if weights is not None else {}
+        model = build_model(cfg.replace(drop_path=0.0, **no_init), num_classes, info.in_chans)
     if weights is not None:
         saved_classes = _classifier_outputs(model, weights)
         if saved_classes is not None and saved_classes != num_classes:

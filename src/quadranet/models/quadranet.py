@@ -17,7 +17,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import NormMlpClassifierHead
 from timm.models import (
     build_model_with_cfg,
-    checkpoint_seq,
     generate_default_cfgs,
     register_model,
     resolve_pretrained_cfg,
@@ -28,6 +27,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from quadranet.blocks import LN_EPS, get_block
 from quadranet.nn import LayerNorm2d, QuadraticConv2d, QuadraticLinear
+from quadranet.nn.recompute import Recompute, run_branch
 
 NUM_DOWNSAMPLES = 3  # stride-2 downsamples before stages 2, 3 and 4
 
@@ -68,8 +68,12 @@ class QuadraStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
+        if self.grad_checkpointing:
+            # each block as one branch recomputed in full: only its input is kept, and the
+            # recomputation takes the forward's kernel route (see quadranet.nn.recompute)
+            for block in self.blocks:
+                x = run_branch(block, x, Recompute.FULL)
+            return x
         return self.blocks(x)
 
 
@@ -93,6 +97,9 @@ class QuadraNet(nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, rising linearly over all blocks to this value.
         head_init_scale: scale of the initial classifier weights.
+        img_size: nominal input size (int or (H, W)) that timm's data config and
+            `pretrained_cfg['input_size']` report; the network takes any size from
+            `min_input_size` up, so this changes no layer.
     """
 
     def __init__(
@@ -112,10 +119,15 @@ class QuadraNet(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         head_init_scale: float = 1.0,
+        img_size: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if len(depths) != len(dims):
             raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} differ in length")
+        if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+            raise ValueError(f"dims (channels per stage) must be integers > 0, got {list(dims)}")
+        if not all(isinstance(d, int) and d >= 0 for d in depths):
+            raise ValueError(f"depths (blocks per stage) must be integers >= 0, got {list(depths)}")
         if stem_stride not in (1, 2, 4):
             raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
         if in_chans <= 0:
@@ -238,7 +250,10 @@ class QuadraNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each stage's blocks in backward instead of keeping their activations."""
+        """timm's switch for activation checkpointing: each block keeps only its input for
+        backward and is recomputed there (the family's `Recompute.FULL` applied to whole
+        blocks, coarser than `recompute="full"`, which keeps each branch's input). Gradients
+        are unchanged; it applies whenever gradients are on."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
@@ -514,6 +529,40 @@ def _has_weights_source(variant: str, kwargs: Mapping[str, Any]) -> bool:
     return any(getattr(cfg, field, None) for field in _SOURCE_FIELDS)
 
 
+def _input_cfg(variant: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The pretrained_cfg entries that describe this model's input: `input_size` with its
+    channels and nominal size, `pool_size`, and `mean`/`std` averaged over the channels when
+    their count differs (as timm's data config does for in_chans != 3).
+
+    The nominal size is `img_size` when given; else the family's 224 px for the 4x stem,
+    scaled with `stem_stride` (112 px for 2x, 56 px for 1x, the same 7x7 final map); a
+    checkpoint's own cfg (`local-dir:` / `hf-hub:` names) keeps its size.
+    """
+    cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.get("pretrained_cfg"),
+        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+    )
+    chans, *size = cfg.input_size
+    in_chans = kwargs.get("in_chans") or chans
+    stem_stride = kwargs.get("stem_stride", 4)
+    img_size = kwargs.get("img_size")
+    if img_size is not None:
+        size = [img_size] * 2 if isinstance(img_size, int) else list(img_size)
+    elif not isinstance(kwargs.get("pretrained_cfg"), Mapping):
+        size = [s * stem_stride // 4 for s in size]
+    downsamples = len(kwargs.get("depths", DEPTHS["36"])) - 1
+    reduction = stem_stride * 2**downsamples
+    out: dict[str, Any] = dict(
+        input_size=(in_chans, *size), pool_size=tuple(max(s // reduction, 1) for s in size)
+    )
+    for key in ("mean", "std"):
+        values = tuple(getattr(cfg, key))
+        if len(values) != in_chans:
+            out[key] = (sum(values) / len(values),) * in_chans
+    return out
+
+
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> QuadraNet:
     if pretrained and not _has_weights_source(variant, kwargs):
         raise ValueError(
@@ -523,6 +572,9 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> QuadraNet:
             "pretrained_cfg_overlay=dict(file='path/to/weights.pth')), or use "
             "pretrained=False and train it (`quadranet train --model ...`)"
         )
+    input_cfg = _input_cfg(variant, kwargs)
+    kwargs["pretrained_cfg_overlay"] = {**input_cfg, **(kwargs.get("pretrained_cfg_overlay") or {})}
+    kwargs["img_size"] = tuple(input_cfg["input_size"][1:])  # timm's traits: the same size
     return build_model_with_cfg(
         QuadraNet,
         variant,

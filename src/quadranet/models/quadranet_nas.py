@@ -30,8 +30,8 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from quadranet.blocks import QuadraBlock, check_kernel_size
-from quadranet.models.quadranet import QuadraNet, _cfg
+from quadranet.blocks import MAX_KERNEL_SIZE, QuadraBlock, check_kernel_size
+from quadranet.models.quadranet import QuadraNet, _cfg, _has_weights_source
 from quadranet.nn.recompute import DEFAULT_RECOMPUTE
 
 ARCH_FORMAT = "quadranet-nas-arch/1"
@@ -96,6 +96,11 @@ def parse_block(name: str, where: str = "block") -> BlockChoice | None:
     kind, k, e = match.group(1), int(match.group(2)), int(match.group(3))
     if k % 2 == 0 or e < 1:
         raise ValueError(f"{where}: block {name!r} needs an odd kernel and an expansion >= 1")
+    if k > MAX_KERNEL_SIZE:
+        raise ValueError(
+            f"{where}: block {name!r} has kernel size {k}, larger than the {MAX_KERNEL_SIZE} a "
+            "block takes; use an odd kernel size such as 3, 5 or 7"
+        )
     return BlockChoice(kind, k, e)
 
 
@@ -290,9 +295,14 @@ default_cfgs = generate_default_cfgs({"quadranet_nas": _cfg()})
 
 @register_model
 def quadranet_nas(pretrained: bool = False, **kwargs: Any) -> QuadraNetNAS:
-    """A searched QuadraNet (or MBConv) network; pass `arch=` (dict, JSON path or Arch)."""
-    if pretrained:
-        raise ValueError("quadranet_nas has no pretrained weights; use pretrained=False")
+    """A searched QuadraNet (or MBConv) network; pass `arch=` (dict, JSON path or Arch).
+    `pretrained=True` needs weights named the timm way (a `local-dir:` folder written by
+    `quadranet.save_for_hf`, or `pretrained_cfg_overlay=dict(file=...)`)."""
+    if pretrained and not _has_weights_source("quadranet_nas", kwargs):
+        raise ValueError(
+            "quadranet_nas has no published weights; give a file with "
+            "pretrained_cfg_overlay=dict(file=...), or use pretrained=False"
+        )
     if "arch" not in kwargs:
         raise ValueError(
             "quadranet_nas needs arch=<JSON path or dict> (written by `quadranet search`)"
