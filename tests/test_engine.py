@@ -720,3 +720,20 @@ def test_train_on_a_stream(tmp_path, monkeypatch):
     assert result.summary["num_classes"] == 4
     with pytest.raises(ConfigError, match="--max-samples needs a dataset with random access"):
         Trainer(cfg.replace(max_samples=8, output=str(tmp_path / "b")))
+
+
+def test_loader_workers_are_at_most_the_cpus(tmp_path):
+    """`--workers` above the CPUs this process may use starts no more processes than CPUs
+    (torch would warn on every epoch); 0 stays in-process."""
+    from quadranet.data import dataset_info
+    from quadranet.engine.distributed import DistInfo
+    from quadranet.engine.train import build_loader
+
+    cpus = len(os.sched_getaffinity(0))
+    cfg = tiny_cfg(tmp_path, workers=cpus + 8, randaugment="rand-m9-mstd0.5")
+    info = dataset_info("fake", **FAKE)
+    dist = DistInfo(0, 0, 1, torch.device("cpu"))
+    loader, _ = build_loader(cfg, info, "train", dist)
+    assert isinstance(loader, torch.utils.data.DataLoader) and loader.num_workers == cpus
+    loader, _ = build_loader(cfg.replace(workers=0), info, "train", dist)
+    assert loader.num_workers == 0

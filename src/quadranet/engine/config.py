@@ -82,7 +82,9 @@ class TrainConfig:
     limit_train_batches: int | None = _opt(None, "train batches per epoch at most", "data")
     limit_val_batches: int | None = _opt(None, "validation batches at most", "data")
     batch_size: int = _opt(128, "batch size per process", "data", aliases=("-b",))
-    workers: int = _opt(4, "data loader worker processes", "data", aliases=("-j",))
+    workers: int = _opt(
+        4, "data loader worker processes (at most the CPUs available)", "data", aliases=("-j",)
+    )
     # optimisation
     epochs: int = _opt(300, "training epochs", "optim")
     accum_steps: int = _opt(

@@ -526,14 +526,15 @@ def build_loader(
         )
         dataset = build_dataset(cfg.dataset, split, transform=transform, **common)
     dataset = _limit(dataset, cfg.max_samples)
+    workers = min(cfg.workers, len(os.sched_getaffinity(0)))  # more only contend for the CPUs
     if isinstance(dataset, IterableDataset):  # a stream: it shuffles and shards itself
         set_loader_cfg = getattr(dataset, "set_loader_cfg", None)
         if callable(set_loader_cfg):
-            set_loader_cfg(num_workers=cfg.workers)
+            set_loader_cfg(num_workers=workers)
         stream = DataLoader(
             dataset,
             batch_size=cfg.batch_size,
-            num_workers=cfg.workers,
+            num_workers=workers,
             pin_memory=dist_info.device.type == "cuda",
             drop_last=train,
         )
@@ -562,7 +563,7 @@ def build_loader(
             dataset,
             batch_size=cfg.batch_size,
             sampler=sampler,
-            num_workers=cfg.workers,
+            num_workers=workers,
             pin_memory=dist_info.device.type == "cuda",
             drop_last=train,
         )
