@@ -1,10 +1,15 @@
 # QuadraNet: `make demo` trains a small QuadraNet on bundled MNIST; `make test` runs the suite.
 PYTHON ?= python3
 VENV ?= .venv
-# torch for the venv: the versions CI tests. Override for another build, e.g. CPU-only
-# wheels: make test TORCH_PIP="--index-url https://download.pytorch.org/whl/cpu"
+# torch for the venv: the versions CI tests. Without an NVIDIA driver (no nvidia-smi) and
+# with PyTorch's CPU index reachable, its CPU builds of those versions are taken (their
+# +cpu builds sort first; a fraction of the CUDA build's size); otherwise the default index's.
+# Override either, e.g. make test TORCH_PIP= for the default index only.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-TORCH_PIP ?=
+CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_PIP ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || ! $(PYTHON) -c \
+	"import urllib.request as u; u.urlopen('$(CPU_INDEX)/torch/', timeout=5)" \
+	>/dev/null 2>&1 || echo --extra-index-url $(CPU_INDEX))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.quadranet-installed
 
