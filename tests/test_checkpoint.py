@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import errno
-import importlib.util
 import io
 import os
 import random
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -22,41 +20,11 @@ import torch
 from quadranet.cli import main as cli_main
 from quadranet.engine import checkpoint as ckpt
 from quadranet.engine.report import read_metrics
-
-DRIVER = textwrap.dedent(
-    """
-    import sys, time
-    import torch
-    from timm.models import register_model
-    from torch import nn
-    from quadranet.cli import main
-
-    class SlowNet(nn.Module):
-        def __init__(self, num_classes=4, in_chans=1, drop_path_rate=0.0):
-            super().__init__()
-            self.num_classes = num_classes
-            self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
-            self.drop = nn.Dropout(0.2)
-            self.fc = nn.Linear(8, num_classes)
-
-        def forward(self, x):
-            if self.training:
-                time.sleep(0.03)  # leaves time to kill the run between epochs
-            return self.fc(self.drop(torch.relu(self.conv(x)).mean((2, 3))))
-
-    @register_model
-    def resume_slow_net(pretrained=False, **kwargs):
-        keep = ("num_classes", "in_chans", "drop_path_rate")
-        return SlowNet(**{k: v for k, v in kwargs.items() if k in keep})
-
-    if __name__ == "__main__":
-        sys.exit(main(sys.argv[1:]))
-    """
-)
+from tiny_nets import driver_script
 
 # mixup/cutmix (numpy), random erasing (python), crop and dropout (torch) all draw random numbers
 RUN_ARGS = [
-    "train", "--model", "resume_slow_net", "--dataset", "fake", "--batch-size", "8",
+    "train", "--model", "engine_slow_net", "--dataset", "fake", "--batch-size", "8",
     "--dataset-kwargs", "num_classes=4", "img_size=8", "in_chans=1", "length=64", "val_length=16",
     "--epochs", "4", "--warmup-epochs", "1", "--base-lr", "0.5", "--mixup", "0.8", "--cutmix", "1",
     "--reprob", "0.5", "--crop-padding", "1", "--hflip", "0.5", "--randaugment", "none",
@@ -89,16 +57,13 @@ def restore_determinism():
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, restore_determinism):
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
+    driver.write_text(driver_script())
     killed = _run(driver, tmp_path / "killed")
     killer = threading.Thread(
         target=_kill_after_first_checkpoint, args=(killed, tmp_path / "killed" / "last.pt", 120)
     )
     killer.start()
     # meanwhile, the uninterrupted reference run in this process
-    spec = importlib.util.spec_from_file_location("resume_driver", driver)
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # registers the model with timm
     assert cli_main([*RUN_ARGS, "--output", str(tmp_path / "full")]) == 0
     killer.join()
     assert killed.returncode == -signal.SIGKILL, killed.communicate()[0]

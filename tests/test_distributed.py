@@ -7,74 +7,34 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from timm.models import register_model
-from torch import nn
 
 from quadranet.engine import TrainConfig, Trainer
 from quadranet.engine import distributed as D
 from quadranet.engine.report import read_metrics
+from tiny_nets import TinyNet, driver_script
 
 FAKE = {"num_classes": 4, "img_size": 8, "in_chans": 1, "length": 64, "val_length": 30}
 
-DRIVER = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    from safetensors.torch import save_file
-    from timm.models import register_model
-    from torch import nn
-    from quadranet.engine import TrainConfig, Trainer
-    from quadranet.engine import distributed as D
 
-    class DdpNet(nn.Module):
-        def __init__(self, num_classes=4, in_chans=1, drop_path_rate=0.0):
-            super().__init__()
-            self.num_classes = num_classes
-            self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
-            self.fc = nn.Linear(8, num_classes)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
-
-    @register_model
-    def ddp_tiny_net(pretrained=False, **kwargs):
-        keep = ("num_classes", "in_chans", "drop_path_rate")
-        return DdpNet(**{k: v for k, v in kwargs.items() if k in keep})
-
-    if __name__ == "__main__":
-        cfg = TrainConfig(**json.loads(sys.argv[1]))
-        trainer = Trainer(cfg)
-        trainer.fit()
-        rank = trainer.dist.rank
-        save_file(trainer.model.state_dict(), f"{cfg.output}/rank{rank}.safetensors")
-        assert trainer.dist.world_size == 2 and torch.distributed.get_backend() == "gloo"
-        D.cleanup()
-    """
-)
-
-
-class DdpNet(nn.Module):
-    """Same as the driver's model (no batch norm, no dropout: ranks see different data)."""
-
-    def __init__(self, num_classes: int = 4, in_chans: int = 1, drop_path_rate: float = 0.0):
-        super().__init__()
-        self.num_classes = num_classes
-        self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
-
-
-@register_model
-def ddp_tiny_net(pretrained: bool = False, **kwargs) -> DdpNet:
-    keep = ("num_classes", "in_chans", "drop_path_rate")
-    return DdpNet(**{k: v for k, v in kwargs.items() if k in keep})
+DRIVER_MAIN = """
+import json
+import torch
+from safetensors.torch import save_file
+from quadranet.engine import TrainConfig, Trainer
+from quadranet.engine import distributed as D
+if __name__ == "__main__":
+    cfg = TrainConfig(**json.loads(sys.argv[1]))
+    trainer = Trainer(cfg)
+    trainer.fit()
+    rank = trainer.dist.rank
+    save_file(trainer.model.state_dict(), f"{cfg.output}/rank{rank}.safetensors")
+    assert trainer.dist.world_size == 2 and torch.distributed.get_backend() == "gloo"
+    D.cleanup()
+"""
 
 
 def _free_port() -> int:
@@ -86,7 +46,7 @@ def _free_port() -> int:
 def _config(output, batch_size: int) -> dict:
     """Deterministic recipe: no augmentation, mixup or drop-path; shuffled by (seed, epoch)."""
     return dict(
-        model="ddp_tiny_net",
+        model="engine_tiny_net",
         dataset="fake",
         dataset_kwargs=FAKE,
         batch_size=batch_size,
@@ -111,7 +71,7 @@ def _config(output, batch_size: int) -> dict:
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
+    driver.write_text(driver_script(DRIVER_MAIN))
     out = tmp_path / "ddp"
     out.mkdir()
     env = {
@@ -142,7 +102,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 
     rank0, rank1 = (load_file(out / f"rank{r}.safetensors") for r in range(2))
     reference = single.model.state_dict()
-    assert not torch.allclose(reference["fc.weight"], DdpNet().fc.weight)  # it trained
+    assert not torch.allclose(reference["fc.weight"], TinyNet().fc.weight)  # it trained
     for key in reference:
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], reference[key], atol=1e-5, rtol=1e-5)

@@ -17,7 +17,6 @@ import torch
 import yaml
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import register_model
 from torch import nn
 
 from quadranet.cli import main as cli_main
@@ -31,30 +30,9 @@ from quadranet.engine.train import (
     build_scheduler,
     scaled_lr,
 )
+from tiny_nets import TinyNet
 
 FAKE = {"num_classes": 4, "img_size": 8, "in_chans": 1, "length": 64, "val_length": 32}
-
-
-class TinyNet(nn.Module):
-    """A deterministic conv net without batch norm (timm constructor conventions)."""
-
-    def __init__(self, num_classes: int = 4, in_chans: int = 1, drop_path_rate: float = 0.0):
-        super().__init__()
-        self.num_classes = num_classes
-        self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
-        self.fc = nn.Linear(8, num_classes)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
-
-
-@register_model
-def engine_tiny_net(pretrained: bool = False, **kwargs) -> TinyNet:
-    names = ("num_classes", "in_chans", "drop_path_rate")
-    return TinyNet(**{k: v for k, v in kwargs.items() if k in names})
 
 
 def tiny_cfg(tmp_path, **overrides) -> TrainConfig:

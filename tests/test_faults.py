@@ -11,55 +11,26 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 import torch
 import yaml
-from timm.models import register_model
-from torch import nn
 
 from quadranet.cli import main as cli_main
 from quadranet.engine import ConfigError, TrainConfig, Trainer, runfolder, train
 from quadranet.engine import checkpoint as ckpt
 from quadranet.engine.commands import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from quadranet.engine.report import read_metrics, truncate_metrics
+from tiny_nets import driver_script
 
 FAKE = {"num_classes": 4, "img_size": 8, "in_chans": 1, "length": 32, "val_length": 16}
-
-
-class FaultNet(nn.Module):
-    """A deterministic conv net without batch norm (timm constructor conventions)."""
-
-    def __init__(self, num_classes: int = 4, in_chans: int = 1, drop_path_rate: float = 0.0):
-        super().__init__()
-        self.num_classes = num_classes
-        self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
-
-
-def _fault_net(**kwargs) -> FaultNet:
-    return FaultNet(**{k: v for k, v in kwargs.items() if k in ("num_classes", "in_chans")})
-
-
-@register_model
-def faults_tiny_net(pretrained: bool = False, **kwargs) -> FaultNet:
-    return _fault_net(**kwargs)
-
-
-@register_model
-def faults_other_net(pretrained: bool = False, **kwargs) -> FaultNet:
-    return _fault_net(**kwargs)
 
 
 def tiny_cfg(tmp_path, **overrides) -> TrainConfig:
     """A fast, deterministic run on fake 8x8 data (4 steps an epoch)."""
     values = dict(
-        model="faults_tiny_net", dataset="fake", dataset_kwargs=FAKE, batch_size=8, epochs=2,
+        model="engine_tiny_net", dataset="fake", dataset_kwargs=FAKE, batch_size=8, epochs=2,
         lr=1e-2, warmup_epochs=0, mixup=0.0, cutmix=0.0, smoothing=0.0, randaugment=None,
         reprob=0.0, hflip=0.0, drop_path=0.0, ema=False, workers=0, quiet=True, device="cpu",
         output=str(tmp_path / "run"),
@@ -68,7 +39,7 @@ def tiny_cfg(tmp_path, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def cli_train(output, *extra: str, model: str = "faults_tiny_net") -> list[str]:
+def cli_train(output, *extra: str, model: str = "engine_tiny_net") -> list[str]:
     """A `quadranet train` command line for the tiny fake-data run."""
     argv = ["train", "--model", model, "--dataset", "fake", "--dataset-kwargs", json.dumps(FAKE)]
     argv += ["--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--no-ema"]
@@ -381,8 +352,8 @@ def test_resume_refuses_another_model_and_applies_a_new_warmup(finished_run, tmp
     cfg, run = finished_run
     shutil.copytree(run, tmp_path / "run")
     again = cfg.replace(output=str(tmp_path / "run"), resume="auto", epochs=3)
-    with pytest.raises(ckpt.CheckpointError, match="--model 'faults_tiny_net' but this run asks"):
-        Trainer(again.replace(model="faults_other_net"))
+    with pytest.raises(ckpt.CheckpointError, match="--model 'engine_tiny_net' but this run asks"):
+        Trainer(again.replace(model="engine_other_net"))
     with pytest.raises(ckpt.CheckpointError, match=r"--model-kwargs \{\} but this run asks for"):
         Trainer(again.replace(model_kwargs={"width": 16}))
     Trainer(again.replace(warmup_epochs=1.5, quiet=False))
@@ -424,48 +395,18 @@ def test_sigusr1_preempts_like_sigterm(tmp_path, monkeypatch, capsys):
 
 # --- a killed process of a distributed run ----------------------------------------------------
 
-DRIVER = textwrap.dedent(
-    """
-    import sys, time
-    import torch
-    from timm.models import register_model
-    from torch import nn
-    from quadranet.cli import main
-
-    class SlowNet(nn.Module):
-        def __init__(self, num_classes=4, in_chans=1, drop_path_rate=0.0):
-            super().__init__()
-            self.num_classes = num_classes
-            self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
-            self.fc = nn.Linear(8, num_classes)
-
-        def forward(self, x):
-            if self.training:
-                time.sleep(0.05)  # leaves time to kill a process after the first checkpoint
-            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
-
-    @register_model
-    def faults_slow_net(pretrained=False, **kwargs):
-        keep = ("num_classes", "in_chans", "drop_path_rate")
-        return SlowNet(**{k: v for k, v in kwargs.items() if k in keep})
-
-    if __name__ == "__main__":
-        sys.exit(main(sys.argv[1:]))
-    """
-)
-
 
 @pytest.mark.slow
 def test_a_killed_process_stops_the_others_with_one_line(tmp_path):
     """Rank 1 is SIGKILLed after the first checkpoint: rank 0 ends at its next collective
     with one line saying what happened and how to continue; the checkpoint is intact."""
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
+    driver.write_text(driver_script())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    argv = cli_train(tmp_path / "run", "--epochs", "20", model="faults_slow_net")[1:]
+    argv = cli_train(tmp_path / "run", "--epochs", "20", model="engine_slow_net")[1:]
     procs = [
         subprocess.Popen(
             [sys.executable, str(driver), "train", *argv],
