@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
         # Errors about the user's input: one clear line, no traceback.
-        print(f"quadranet {args.command}: error: {one_line(err)}", file=sys.stderr)
+        print_error(args.command, err)
         return 2
     except KeyboardInterrupt:
         print(f"quadranet {args.command}: interrupted", file=sys.stderr)
@@ -90,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def one_line(err: BaseException) -> str:
     """An exception's message on one line (whitespace runs, newlines too, become a space)."""
     return " ".join(str(err).split())
+
+
+def print_error(command: str, err: BaseException) -> None:
+    """The one line on stderr that a command's known error ends in."""
+    print(f"quadranet {command}: error: {one_line(err)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from quadranet.cli import one_line
+from quadranet.cli import print_error
 from quadranet.data import DataError, bundled_package_installed
 from quadranet.engine import distributed as D
 from quadranet.engine.checkpoint import CheckpointError
@@ -83,7 +83,7 @@ def guard(
         except (ConfigError, CheckpointError, DataError, ValueError, TrainingError) as err:
             if getattr(args, "debug", False) and not isinstance(err, Preempted):
                 raise
-            _error(name, err)
+            print_error(name, err)
             return exit_code(err)
         finally:
             D.cleanup()
@@ -100,11 +100,6 @@ def exit_code(err: Exception) -> int:
     if isinstance(err, (ConfigError, CheckpointError, DataError, ValueError)):
         return EXIT_BAD_INPUT
     return EXIT_FAILED
-
-
-def _error(name: str, err: Exception) -> None:
-    """Print an error line to stderr."""
-    print(f"quadranet {name}: error: {one_line(err)}", file=sys.stderr, flush=True)
 
 
 def _default_dataset(args: argparse.Namespace, cfg: TrainConfig) -> TrainConfig:
