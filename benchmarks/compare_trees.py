@@ -9,7 +9,9 @@ Each child imports `quadranet` from `<tree>/src`, builds the model with stochast
     python benchmarks/compare_trees.py --tree old=/tmp/old --tree new=. --threads 2
 
 A tree may carry model options as JSON after the path: `--tree none='.:{"recompute": "none"}'`;
-`{"compile": true}` times `torch.compile(model)` (compilation happens in the warm-up calls).
+`{"compile": true}` times `torch.compile(model)` (compilation happens in the warm-up calls);
+`{"mlp_kernel": false}` runs every channel MLP through the ATen reference instead of the
+chunked C++ operator (to check that the operator pays).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ import quadranet  # noqa: F401  (registers the models)
 name, batch, train_batch, steps, threads = sys.argv[1], *map(int, sys.argv[2:6])
 options = json.loads(sys.argv[6])
 compiled = options.pop("compile", False)
+if not options.pop("mlp_kernel", True):
+    from quadranet.ops import policy
+    policy.MLP_MAX_CHANNELS = 0  # no map qualifies for the chunked MLP
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 cl = torch.channels_last

@@ -17,6 +17,7 @@ from quadranet.bench.reference import (
     create_reference_model,
     load_quadranet_weights,
 )
+from quadranet.blocks import ChannelMlp
 from quadranet.cli import main
 from quadranet.models import QuadraNet
 
@@ -201,6 +202,22 @@ def test_record_gemms_finds_every_dense_product_and_skips_depthwise():
     assert flops == 3 * sum(shape.flops * count for shape, count in forward.items())
     assert GemmShape(1, 8, 32, 48) in training  # the conv's weight gradient
     assert gemm_seconds(sorted(forward.items())) > 0
+
+
+def test_record_gemms_sees_the_products_inside_the_channel_mlp_operator():
+    with torch.device("meta"):
+        mlp = ChannelMlp(16)
+        x = torch.zeros(2, 5, 5, 16)
+    plain_forward = record_gemms(lambda: mlp.plain_forward(x))
+    with torch.no_grad():
+        assert record_gemms(lambda: mlp(x)) == plain_forward
+    plain_training = record_gemms(lambda: mlp.plain_forward(x.requires_grad_()).sum().backward())
+    training = record_gemms(lambda: mlp(x.requires_grad_()).sum().backward())
+
+    def flops(shapes):
+        return sum(shape.flops * count for shape, count in shapes.items())
+
+    assert flops(training) == flops(plain_training) == 3 * flops(plain_forward)
 
 
 def test_throughput_rejects_unknown_models(capsys):

@@ -8,8 +8,8 @@
   are not activations and are left out.
 - GEMM shapes: every dense matrix product a forward (and backward) runs, recorded below
   autograd by a dispatch mode (mm, addmm, bmm, baddbmm, and convolutions that are not
-  depthwise as their im2col products), so the machine's matmul rate can be measured at
-  exactly the shapes a model uses.
+  depthwise as their im2col products, and the products inside the channel-MLP operator),
+  so the machine's matmul rate can be measured at exactly the shapes a model uses.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+import quadranet.ops  # noqa: F401  (registers the quadranet:: ops the recorder looks for)
 from quadranet.bench.runner import synchronizer
 
 aten = torch.ops.aten
@@ -120,6 +121,20 @@ def _conv_gemms(
     return [p for p, wanted in zip(products, mask) if wanted]
 
 
+def _mlp_gemms(x_shape: torch.Size, w1_shape: torch.Size, backward: bool) -> list[GemmShape]:
+    """The products inside `quadranet::channel_mlp` (fc1, fc2) or its backward (both
+    gradients of both), which a dispatch mode sees as one op."""
+    rows, c, hidden = math.prod(x_shape[:-1]), x_shape[-1], w1_shape[0]
+    if not backward:
+        return [GemmShape(1, rows, c, hidden), GemmShape(1, rows, hidden, c)]
+    return [
+        GemmShape(1, c, rows, hidden),  # fc2's weight gradient
+        GemmShape(1, rows, c, hidden),  # fc2's input gradient
+        GemmShape(1, hidden, rows, c),  # fc1's weight gradient
+        GemmShape(1, rows, hidden, c),  # fc1's input gradient
+    ]
+
+
 class _GemmRecorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -140,6 +155,12 @@ class _GemmRecorder(TorchDispatchMode):
         elif packet == aten.convolution_backward and not args[7]:
             grad_out, w, groups, mask = args[0], args[2], args[9], args[10]
             for g in _conv_gemms(w.shape, grad_out.shape, groups, [False, *mask[:2]]):
+                self.shapes[g] += 1
+        elif packet == torch.ops.quadranet.channel_mlp:
+            for g in _mlp_gemms(args[0].shape, args[4].shape, backward=False):
+                self.shapes[g] += 1
+        elif packet == torch.ops.quadranet.channel_mlp_backward:
+            for g in _mlp_gemms(args[1].shape, args[8].shape, backward=True):
                 self.shapes[g] += 1
         return out
 
