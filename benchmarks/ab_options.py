@@ -1,0 +1,132 @@
+"""Variants of one model's step timed in one process, call by call alternating.
+
+`compare_trees.py` runs one child process per measurement, which is what comparing two
+source trees needs, but on a shared CPU the children's times drift by tens of percent.
+Variants of the same tree can instead share one process, one model and one allocator
+state: each timed call of one variant is followed by one of the others (order flipped every
+repeat), and the medians are compared.
+
+    python benchmarks/ab_options.py --variant eager='{}' --variant compiled='{"compile": true}'
+    python benchmarks/ab_options.py --variant on='{}' --variant off='{"mlp_kernel": false}'
+
+Options of a variant: `compile` (torch.compile of the model; compilation happens in the
+warm-up calls) and `mlp_kernel` (false: every channel MLP through the ATen reference instead
+of the chunked C++ kernels). The model is built with drop-path 0.1 for training (as the
+engine trains) and run channels-last float32; training is forward, backward and fused
+AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import timm
+import torch
+
+import quadranet  # noqa: F401  (registers the models)
+from quadranet.bench.runner import machine_info
+from quadranet.ops import policy
+
+OPTIONS = ("compile", "mlp_kernel")
+
+
+@contextlib.contextmanager
+def _mlp_kernel(on: bool) -> Iterator[None]:
+    saved = policy.MLP_MAX_CHANNELS
+    policy.MLP_MAX_CHANNELS = saved if on else 0  # no map qualifies for the chunked MLP
+    try:
+        yield
+    finally:
+        policy.MLP_MAX_CHANNELS = saved
+
+
+def _variants(specs: list[str]) -> dict[str, dict]:
+    variants = {}
+    for spec in specs:
+        label, _, text = spec.partition("=")
+        options = json.loads(text or "{}")
+        unknown = set(options) - set(OPTIONS)
+        if unknown:
+            raise SystemExit(f"unknown option(s) {sorted(unknown)}; choose from {OPTIONS}")
+        variants[label] = options
+    return variants
+
+
+def _steps(args: argparse.Namespace, train: bool, variants: dict[str, dict]) -> dict:
+    """label -> a function running one call of that variant."""
+    cl = torch.channels_last
+    model = timm.create_model(args.model, drop_path_rate=0.1 if train else 0.0)
+    model = model.to(memory_format=cl).train(train)
+    batch = args.train_batch if train else args.batch
+    x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=cl)
+    target = torch.randint(0, 1000, (batch,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if train else None
+    steps: dict[str, Callable[[], None]] = {}
+    for label, options in variants.items():
+        run = torch.compile(model) if options.get("compile") else model
+        kernel = options.get("mlp_kernel", True)
+
+        def step(run: Callable = run, kernel: bool = kernel) -> None:
+            with _mlp_kernel(kernel):
+                if opt is None:
+                    with torch.inference_mode():
+                        run(x)
+                    return
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(run(x), target).backward()
+                opt.step()
+
+        steps[label] = step
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", action="append", required=True, help="label=options as JSON")
+    p.add_argument("--model", default="quadranet36_t")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32, help="inference batch")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per variant")
+    p.add_argument("--output", default="", help="JSON file for the results (optional)")
+    args = p.parse_args(argv)
+    variants = _variants(args.variant)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    first = next(iter(variants))
+    record: dict = dict(vars(args), machine=machine_info(args.threads))
+    print(record["machine"], flush=True)
+    for kind in ("train", "infer"):
+        steps = _steps(args, kind == "train", variants)
+        for step in steps.values():
+            for _ in range(args.warmup):
+                step()
+        times: dict[str, list[float]] = {label: [] for label in steps}
+        for r in range(args.repeats):
+            for label in list(steps) if r % 2 == 0 else list(steps)[::-1]:
+                start = time.perf_counter()
+                steps[label]()
+                times[label].append(time.perf_counter() - start)
+            print(f"[{kind}] repeat {r + 1}/{args.repeats}", flush=True)
+        medians = {label: statistics.median(t) for label, t in times.items()}
+        for label, t in times.items():
+            print(
+                f"{kind} {label}: {medians[label]:.3f} s a call ({min(t):.3f}-{max(t):.3f}); "
+                f"speed vs {first}: {medians[first] / medians[label]:.3f}x",
+                flush=True,
+            )
+        record[kind] = {"times": times, "median": medians}
+    if args.output:
+        Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
