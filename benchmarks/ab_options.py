@@ -28,6 +28,7 @@ from pathlib import Path
 
 import timm
 import torch
+from compare_trees import add_step_arguments  # this folder is on sys.path when run
 
 import quadranet  # noqa: F401  (registers the models)
 from quadranet.bench.runner import machine_info
@@ -89,10 +90,7 @@ def _steps(args: argparse.Namespace, train: bool, variants: dict[str, dict]) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", action="append", required=True, help="label=options as JSON")
-    p.add_argument("--model", default="quadranet36_t")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32, help="inference batch")
-    p.add_argument("--train-batch", type=int, default=16)
+    add_step_arguments(p)
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per variant")
     p.add_argument("--output", default="", help="JSON file for the results (optional)")

@@ -83,16 +83,21 @@ def measure(spec: str, args: argparse.Namespace) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def add_step_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, threads and batches of the timed steps (shared with ab_options.py)."""
+    p.add_argument("--model", default="quadranet36_t")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32, help="inference batch")
+    p.add_argument("--train-batch", type=int, default=16)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--tree", action="append", required=True, help="label=path[:model options as JSON]"
     )
-    p.add_argument("--model", default="quadranet36_t")
-    p.add_argument("--threads", type=int, default=2)
+    add_step_arguments(p)
     p.add_argument("--cpus", default="", help="taskset CPU list for the children (optional)")
-    p.add_argument("--batch", type=int, default=32, help="inference batch")
-    p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5, help="timed calls per child (median)")
     p.add_argument("--rounds", type=int, default=3, help="children per tree, alternating")
     p.add_argument("--output", default="", help="JSON file for the results (optional)")
