@@ -10,10 +10,12 @@ repeat), and the medians are compared.
     python benchmarks/ab_options.py --variant on='{}' --variant off='{"mlp_kernel": false}'
 
 Options of a variant: `compile` (torch.compile of the model; compilation happens in the
-warm-up calls) and `mlp_kernel` (false: every channel MLP through the ATen reference instead
-of the chunked C++ kernels). The model is built with drop-path 0.1 for training (as the
-engine trains) and run channels-last float32; training is forward, backward and fused
-AdamW.
+warm-up calls), `mlp_kernel` (false: every channel MLP through the ATen reference instead
+of the chunked C++ kernels), and, for inference only, `reparameterize` (true: a copy made by
+`quadranet.reparameterize`) with `residual_in_ops` (false: that copy adds the residuals as
+separate ops, as the block's training form does). The model is built with drop-path 0.1
+for training (as the engine trains) and run channels-last float32; training is forward,
+backward and fused AdamW.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ import timm
 import torch
 from compare_trees import add_step_arguments  # this folder is on sys.path when run
 
-import quadranet  # noqa: F401  (registers the models)
+import quadranet  # (also registers the models)
 from quadranet.bench.runner import machine_info
+from quadranet.blocks import MixerBlock
 from quadranet.ops import policy
 
-OPTIONS = ("compile", "mlp_kernel")
+OPTIONS = ("compile", "mlp_kernel", "reparameterize", "residual_in_ops")
 
 
 @contextlib.contextmanager
@@ -59,6 +62,17 @@ def _variants(specs: list[str]) -> dict[str, dict]:
     return variants
 
 
+def _inference_form(model: torch.nn.Module, options: dict) -> torch.nn.Module:
+    """The model, or its reparameterized copy (residual adds inside the ops or not)."""
+    if not options.get("reparameterize"):
+        return model
+    folded = quadranet.reparameterize(model)
+    for block in folded.modules():
+        if isinstance(block, MixerBlock):
+            block.reparameterized = options.get("residual_in_ops", True)
+    return folded
+
+
 def _steps(args: argparse.Namespace, train: bool, variants: dict[str, dict]) -> dict:
     """label -> a function running one call of that variant."""
     cl = torch.channels_last
@@ -70,7 +84,8 @@ def _steps(args: argparse.Namespace, train: bool, variants: dict[str, dict]) -> 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if train else None
     steps: dict[str, Callable[[], None]] = {}
     for label, options in variants.items():
-        run = torch.compile(model) if options.get("compile") else model
+        run = _inference_form(model, options) if not train else model
+        run = torch.compile(run) if options.get("compile") else run
         kernel = options.get("mlp_kernel", True)
 
         def step(run: Callable = run, kernel: bool = kernel) -> None:

@@ -4,6 +4,7 @@ backend switch, `explain`, and visibility to opcheck, compile, export, FX and FL
 The Triton backend has the same suite in `test_triton.py` (interpreted on CPU)."""
 
 import itertools
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch.library import opcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import quadranet
@@ -190,14 +192,40 @@ def test_failed_build_is_remembered(monkeypatch, tmp_path):
     ops_, why = cpu.load()
     assert ops_ is None and "no compiler" in why and "delete it" in why
     monkeypatch.setattr(cpu, "_state", {})
-    monkeypatch.setenv("QUADRANET_NATIVE", "1")  # other flags: another folder, built again
+    monkeypatch.setenv("QUADRANET_CPU_FLAGS", "-march=native")  # another folder, built again
     monkeypatch.setattr(cpu, "_build", lambda: "built")
     assert cpu.load() == ("built", "") and "-march=native" in cpu.cflags()
 
 
-def test_build_flags_are_portable_by_default(monkeypatch):
-    monkeypatch.delenv("QUADRANET_NATIVE", raising=False)
-    assert not any("native" in f for f in cpu.cflags())
+def test_build_flags_follow_the_cpu_unless_set(monkeypatch):
+    monkeypatch.delenv("QUADRANET_CPU_FLAGS", raising=False)
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    for have, isa in (
+        (set(), []),
+        ({"avx2"}, []),  # FMA missing
+        ({"avx2", "fma"}, ["-mavx2", "-mfma"]),
+        ({"avx2", "fma", "avx512f"}, ["-mavx2", "-mfma", "-mavx512f"]),
+    ):
+        monkeypatch.setattr(cpu, "_cpu_flags", lambda have=have: have | {"sse2"})
+        assert cpu.cflags() == ["-O3", "-fopenmp", *isa]
+    monkeypatch.setenv("QUADRANET_CPU_FLAGS", " -mavx2  -mfma ")
+    assert cpu.cflags() == ["-O3", "-fopenmp", "-mavx2", "-mfma"]
+
+
+@pytest.mark.skipif(
+    not CPU_BUILT or "-mavx512f" not in cpu.cflags(), reason="the default build is the 8-float one"
+)
+def test_8_float_build_matches_the_definition_too():
+    """On an AVX-512 CPU the default build uses 16-float vectors; the 8-float (AVX2) build,
+    the default elsewhere, must pass the same parity tests. A process of its own: the ops of
+    one build are registered per process."""
+    env = dict(os.environ, QUADRANET_CPU_FLAGS="-mavx2 -mfma")
+    cases = "cpu and (op_matches_the_definition or channel_mlp_matches or deterministic)"
+    args = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", __file__]
+    done = subprocess.run([*args, "-k", cases], env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " skipped" not in done.stdout, done.stdout[-3000:]
 
 
 def small_model(**kwargs):
@@ -267,14 +295,41 @@ def test_recompute_keeps_less():
     assert saved["full"] < saved["cheap"] < saved["none"]
 
 
-def test_reparameterize_keeps_outputs_and_removes_layer_scales():
-    model = small_model().eval()
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_reparameterize_keeps_outputs_and_adds_residuals_inside_the_ops(mode):
+    model = small_model(drop_path_rate=0.1).eval()
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
     folded = quadranet.reparameterize(model)
     assert folded is not model and model.stages[0].blocks[0].gamma1 is not None
     assert not [n for n, _ in folded.named_parameters() if "gamma" in n]
-    with torch.no_grad():
+    with torch.no_grad(), ops.kernels(mode):
         assert_close(folded(x), model(x), 1e-5)
+
+    def full_map_adds(net):  # additions of two whole maps at the top level (not in an op)
+        adds = []
+
+        class Adds(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                if func is torch.ops.aten.add.Tensor and len(tensors) == 2:
+                    adds.append(tensors[0].shape == tensors[1].shape)
+                return out
+
+        with torch.no_grad(), ops.kernels("auto"), Adds():
+            net(x)
+        return sum(adds)
+
+    blocks = sum(isinstance(m, QuadraBlock) for m in model.modules())
+    assert full_map_adds(model) >= 2 * blocks  # two residual adds per block
+    assert full_map_adds(folded) == 0
+    # still a differentiable model (the ops' residual gradient), train mode included
+    folded.train()
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    folded(xs[0]).square().sum().backward()
+    with ops.kernels("off"):
+        folded(xs[1]).square().sum().backward()
+    assert_close(xs[0].grad, xs[1].grad, 1e-4)
 
 
 def test_flop_counter_sees_the_kernels():
@@ -398,7 +453,10 @@ def mlp_definition(x, lw, lb, w1, b1, w2, b2, gamma):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("affine,bias,gamma", [(True, True, True), (False, False, False)])
 @pytest.mark.parametrize("rows", [(2, 9, 7), (1, 3, 1)])
-def test_channel_mlp_matches_the_definition(monkeypatch, backend, affine, bias, gamma, rows):
+@pytest.mark.parametrize("residual", [False, True])
+def test_channel_mlp_matches_the_definition(
+    monkeypatch, backend, affine, bias, gamma, rows, residual
+):
     """The channel MLP op (chunked C++ kernels and ATen reference) and its gradients."""
     monkeypatch.setattr(policy, "MLP_MIN_HIDDEN", 0)  # the chunked kernels at any size
     c, hid = 12, 40
@@ -414,17 +472,22 @@ def test_channel_mlp_matches_the_definition(monkeypatch, backend, affine, bias, 
     def run(x, lw, lb, w1, b1, w2, b2, g):
         with ops.kernels(mode):
             assert policy.choose_mlp(x, torch.empty(hid, x.shape[-1])).backend == backend
-            return ops.channel_mlp(x, lw, lb, 1e-6, w1, b1, w2, b2, g)
+            return ops.channel_mlp(x, lw, lb, 1e-6, w1, b1, w2, b2, g, residual)
+
+    def definition(x, *rest):
+        y = mlp_definition(x, *rest)
+        return y + x.double() if residual else y
 
     y, grads = grads_of(run, tensors)
-    y_ref, grads_ref = grads_of(mlp_definition, tensors)
+    y_ref, grads_ref = grads_of(definition, tensors)
     assert_close(y, y_ref, 1e-5)
     for got, want in zip(grads, grads_ref):
         assert (got is None) == (want is None)
         if got is not None:
             assert_close(got, want, 1e-5)
     with torch.no_grad(), ops.kernels(mode):  # inference: nothing kept
-        assert_close(ops.channel_mlp(tensors[0], *tensors[1:3], 1e-6, *tensors[3:]), y_ref, 1e-5)
+        y = ops.channel_mlp(tensors[0], *tensors[1:3], 1e-6, *tensors[3:], residual)
+        assert_close(y, y_ref, 1e-5)
 
 
 def test_channel_mlp_opcheck(monkeypatch):
@@ -438,8 +501,8 @@ def test_channel_mlp_opcheck(monkeypatch):
         args = [args[0].detach().requires_grad_(), *args[1:], 1e-6]
         args += [t.to(dtype) for t in (w1, b1, w2, b2)]
         gamma = torch.rand(16, dtype=dtype)
-        for keep, g in ((True, gamma), (False, None)):
-            opcheck(torch.ops.quadranet.channel_mlp, (*args, g, keep))
+        for keep, g, residual in ((True, gamma, False), (False, None, False), (True, None, True)):
+            opcheck(torch.ops.quadranet.channel_mlp, (*args, g, keep, residual))
 
 
 def op_bodies():
@@ -454,7 +517,7 @@ def op_bodies():
     return {d._opoverload: d._init_fn for d in defs}
 
 
-class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+class _CountOps(TorchDispatchMode):
     """Counts dispatched ops, including those inside the bodies of the `quadranet::` ops
     (each one counts itself and then runs its Python body under this mode)."""
 

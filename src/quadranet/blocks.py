@@ -6,8 +6,10 @@ Every block is pre-norm with two residual branches on an NCHW map:
     x = x + DropPath(gamma2 * fc2(GELU(fc1(LN(x)))))              channel mixing
 
 and the blocks differ only in the spatial mixer. Each branch keeps for backward what the
-block's `recompute` setting says (`quadranet.nn.recompute`). `reparameterize()` folds the
-layer scales into the preceding weights for inference.
+block's `recompute` setting says (`quadranet.nn.recompute`). `reparameterize()` gives the
+inference form: layer scales folded into the preceding weights, no drop-path, and each
+residual add done by the branch's operator where it has one (QuadraBlock's conv, the
+channel MLP) instead of a separate pass over the map.
 """
 
 from __future__ import annotations
@@ -86,20 +88,22 @@ class ChannelMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.gamma = _layer_scale(dim, layer_scale_init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
+        """The branch's output, plus x where `residual`."""
         keep_all = self.recompute is Recompute.NONE and torch.is_grad_enabled()
         if keep_all or not self.standard:  # plain modules (adapted layers: always)
-            return self.plain_forward(x)
+            return self.plain_forward(x, residual)
         norm, fc1, fc2 = self.norm, self.fc1, self.fc2
         return channel_mlp(
             x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-            self.gamma,
+            self.gamma, residual,
         )  # fmt: skip
 
-    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def plain_forward(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
         """The same function through the plain modules (plain autograd)."""
         y = self.fc2(self.act(self.fc1(self.norm(x))))
-        return y if self.gamma is None else y * self.gamma
+        y = y if self.gamma is None else y * self.gamma
+        return y + x if residual else y
 
     @property
     def standard(self) -> bool:
@@ -149,6 +153,7 @@ class MixerBlock(nn.Module):
         self.mlp = ChannelMlp(dim, mlp_ratio, layer_scale_init, recompute)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.recompute = recompute
+        self.reparameterized = False  # the inference form (see `reparameterize`)
 
     @property
     def recompute(self) -> Recompute:
@@ -159,16 +164,22 @@ class MixerBlock(nn.Module):
     def recompute(self, value: Recompute | str) -> None:
         self._recompute = self.mlp.recompute = Recompute.parse(value)
 
-    def spatial(self, x: torch.Tensor) -> torch.Tensor:
-        """The spatial-mixing branch, gamma1 * mixer(LN(x)), before drop-path."""
+    def spatial(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
+        """The spatial-mixing branch, gamma1 * mixer(LN(x)), before drop-path (plus x where
+        `residual`)."""
         y = self.mixer(self.norm1(x))
-        return y if self.gamma1 is None else y * self.gamma1.view(1, -1, 1, 1)
+        y = y if self.gamma1 is None else y * self.gamma1.view(1, -1, 1, 1)
+        return y + x if residual else y
 
-    def channel(self, x: torch.Tensor) -> torch.Tensor:
-        """The channel-mixing branch on an NCHW map, before drop-path."""
-        return self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    def channel(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
+        """The channel-mixing branch on an NCHW map, before drop-path (plus x where
+        `residual`)."""
+        return self.mlp(x.permute(0, 2, 3, 1), residual).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reparameterized:  # each residual add inside its branch's operator
+            x = x if self.mixer is None else self.spatial(x, residual=True)
+            return self.channel(x, residual=True)
         recompute = self.recompute if self.training else Recompute.NONE
         if self.mixer is not None:
             x = x + self.drop_path(run_branch(self.spatial, x, recompute))
@@ -176,7 +187,10 @@ class MixerBlock(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the layer scales into the weights before them (inference; timm's name)."""
+        """The inference form (timm's name): layer scales folded into the weights before
+        them, no drop-path, the residual adds inside the branches' operators."""
+        self.reparameterized = True
+        self.drop_path = nn.Identity()
         self.mlp.reparameterize()
         if self.gamma1 is not None:
             last = getattr(self.mixer, "proj_out", self.mixer)  # gnConv ends in proj_out
@@ -188,10 +202,12 @@ class MixerBlock(nn.Module):
 
 
 def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """The model for inference with every block's layer scales folded into its weights.
+    """The model in its inference form: in every block the layer scales folded into the
+    weights, drop-path removed and the residual adds done inside the branches' operators.
 
-    Like timm's `reparameterize_model`: a copy unless `inplace`; outputs are unchanged up
-    to rounding, and what `torch.export` or ONNX export then sees is what eager runs.
+    Like timm's `reparameterize_model` (which calls the same block method): a copy unless
+    `inplace`; outputs are unchanged up to rounding, and what `torch.export` or ONNX export
+    then sees is what eager runs.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -221,10 +237,10 @@ class QuadraBlock(MixerBlock):
         mixer = QuadraticConv2d(dim, dim, kernel_size, groups=dim)
         super().__init__(dim, mixer, mlp_ratio, drop_path, layer_scale_init, recompute)
 
-    def spatial(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mixer
+    def spatial(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
+        m, res = self.mixer, x if residual else None
         return quadratic_dwconv(
-            self.norm1(x), m.weight, m.bias, self.gamma1, None, m.stride, m.padding, m.dilation
+            self.norm1(x), m.weight, m.bias, self.gamma1, res, m.stride, m.padding, m.dilation
         )
 
 

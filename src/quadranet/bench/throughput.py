@@ -6,7 +6,9 @@ the CPU or a CUDA GPU (`--device`): inference images/s, training images/s (forwa
 backward, AdamW step), the peak memory of training (RSS on the CPU,
 `torch.cuda.max_memory_allocated` on CUDA), and the share of the machine's dense matmul
 rate that the model's conv and linear FLOPs reach (inference 2 x MACs per image,
-training 6 x MACs per image).
+training 6 x MACs per image). Inference runs each model in its inference form, as timm's
+`reparameterize_model` makes it (QuadraNet's blocks: layer scales folded, residual adds
+inside the operators; models without such a form are unchanged).
 Models are interleaved over rounds (each round runs every model once, in a rotated
 order) so that drift of the machine hits all alike; the table gives the median over
 rounds with the min-max range.
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.utils.model import reparameterize_model
 from torch import nn
 
 from quadranet.bench.measure import (
@@ -163,6 +166,7 @@ def measure_model(
     model.zero_grad(set_to_none=True)
 
     model.eval()
+    reparameterize_model(model, inplace=True)  # the inference form (after training's timing)
     x_infer = images(batch)
 
     def infer_step() -> None:
@@ -468,7 +472,8 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         + f", {layout}"
         + (", torch.compile (compile time excluded)" if args.compile else ", eager")
         + f", on {device}",
-        f"inference: batch {args.batch}; training (forward, backward, fused AdamW): batch "
+        f"inference: batch {args.batch}, the model reparameterized (timm's "
+        "reparameterize_model); training (forward, backward, fused AdamW): batch "
         f"{args.train_batch}, drop-path {args.drop_path}; each the median of {args.repeats} "
         f"calls after {args.warmup} warm-up (and up to {args.settle} more while a call still "
         f"page-faults over {SETTLED_FAULTS} times and fewer than the one before: the "

@@ -100,27 +100,29 @@ def channel_mlp(
     w2: torch.Tensor,
     b2: torch.Tensor | None,
     gamma: torch.Tensor | None = None,
+    residual: bool = False,
 ) -> torch.Tensor:
-    """gamma * fc2(GELU(fc1(LayerNorm(x)))) over the last dim of x, as one operator (the
-    chunked C++ kernels where they pay); keeps x, fc1's output and LN's statistics for
-    backward. Under autocast, LayerNorm runs in x's dtype and the products in autocast's
-    (the weights cast per call, as autocast casts them), so fc1's output is kept in the
-    low dtype. With `QUADRANET_KERNELS=off`, plain PyTorch ops with autograd."""
+    """gamma * fc2(GELU(fc1(LayerNorm(x)))) (+ x where `residual`) over the last dim of x,
+    as one operator (the chunked C++ kernels where they pay); keeps x, fc1's output and LN's
+    statistics for backward. Under autocast, LayerNorm runs in x's dtype and the products in
+    autocast's (the weights cast per call, as autocast casts them), so fc1's output is kept
+    in the low dtype. With `QUADRANET_KERNELS=off`, plain PyTorch ops with autograd."""
     _record(x, lambda: policy.choose_mlp(x, w1))
     if mode() == "off":  # plain ops
         # fc1's width, not x's: a constant even when the model is traced for ONNX
         n = F.layer_norm(x, (w1.shape[1],), ln_weight, ln_bias, eps)
         y = F.linear(F.gelu(F.linear(n, w1, b1)), w2, b2)
-        return y if gamma is None else y * gamma
+        y = y if gamma is None else y * gamma
+        return y + x if residual else y
     keep = torch.is_grad_enabled()
     dtype = _autocast_dtype(x)
     if dtype is None:
-        args = (x, ln_weight, ln_bias, eps, w1, b1, w2, b2, gamma, keep)
+        args = (x, ln_weight, ln_bias, eps, w1, b1, w2, b2, gamma, keep, residual)
         return torch.ops.quadranet.channel_mlp(*args)[0]
     # autocast: what it would do (LayerNorm in x's dtype, products in its dtype), in the op
     low = [None if t is None else t.to(dtype) for t in (w1, b1, w2, b2, gamma)]
     with torch.autocast(x.device.type, enabled=False):
-        args = (x, ln_weight, ln_bias, eps, low[0], low[1], low[2], low[3], low[4], keep)
+        args = (x, ln_weight, ln_bias, eps, *low, keep, residual)
         return torch.ops.quadranet.channel_mlp(*args)[0]
 
 

@@ -3,11 +3,13 @@
 The source is built with `torch.utils.cpp_extension.load` (needs a C++ compiler and ninja)
 into a cache folder keyed by the source, the flags, torch (version and install folder) and
 Python, so a stale build is never reused and two virtual environments do not rebuild over
-each other's module. Flags are portable: `-O3 -fopenmp`, plus `-mavx2 -mfma` on x86 CPUs
-that have both; `QUADRANET_NATIVE=1` builds with `-march=native` instead. A failed build
-is remembered in its cache folder (`FAILED`), so later processes do not retry it; delete
-that folder to try again. The cache lives in `$QUADRANET_CACHE/cpu_kernels` (default
-`~/.cache/quadranet/cpu_kernels`).
+each other's module. Flags are `-O3 -fopenmp` and instruction-set flags picked from the
+CPU: none (portable), `-mavx2 -mfma` on x86 CPUs that have both, plus `-mavx512f` (16-float
+vectors instead of 8) on those that also have it. `QUADRANET_CPU_FLAGS` replaces the picked
+ones, e.g. `-march=native`, or `-mavx2 -mfma` for the 8-float build on an AVX-512 CPU.
+A failed build is remembered in its cache folder (`FAILED`), so later processes do not
+retry it; delete that folder to try again. The cache lives in `$QUADRANET_CACHE/cpu_kernels`
+(default `~/.cache/quadranet/cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 CACHE_ENV_VAR = "QUADRANET_CACHE"
-NATIVE_ENV_VAR = "QUADRANET_NATIVE"
+FLAGS_ENV_VAR = "QUADRANET_CPU_FLAGS"
 SOURCE = Path(__file__).with_name("csrc") / "quadratic_dwconv_cpu.cpp"
 FAILED = "FAILED"
 
@@ -42,12 +44,13 @@ def _cpu_flags() -> set[str]:
 
 
 def cflags() -> list[str]:
-    """Compiler flags of the build: portable unless QUADRANET_NATIVE=1."""
+    """Compiler flags of the build: the CPU's instruction sets, or QUADRANET_CPU_FLAGS."""
     flags = ["-O3", "-fopenmp"]
-    if os.environ.get(NATIVE_ENV_VAR, "") == "1":
-        return [*flags, "-march=native"]
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
-        flags += ["-mavx2", "-mfma"]
+    if FLAGS_ENV_VAR in os.environ:
+        return [*flags, *os.environ[FLAGS_ENV_VAR].split()]
+    cpu = _cpu_flags() if platform.machine() in ("x86_64", "AMD64") else set()
+    if {"avx2", "fma"} <= cpu:
+        flags += ["-mavx2", "-mfma"] + (["-mavx512f"] if "avx512f" in cpu else [])
     return flags
 
 

@@ -1,8 +1,9 @@
 """`torch.ops.quadranet.channel_mlp`: fc2(GELU(fc1(LN(x)))) over the last dim, one operator.
 
-- `channel_mlp(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, gamma, keep) -> (out, u, mean, rstd)`:
-  u = fc1's output before GELU and the LayerNorm statistics, kept for backward (empty when
-  `keep` is False, at inference);
+- `channel_mlp(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, gamma, keep, residual)
+  -> (out, u, mean, rstd)`: out = gamma fc2(...) (+ x where `residual`); u = fc1's output
+  before GELU and the LayerNorm statistics, kept for backward (empty when `keep` is False,
+  at inference);
 - `channel_mlp_backward(grad, x, mean, rstd, u, ln_weight, ln_bias, eps, w1, w2, b2, gamma)
   -> (dx, dln_weight, dln_bias, dw1, db1, dw2, db2, dgamma)`: LayerNorm and GELU are
   recomputed; the layer scale gamma is folded into fc2 inside the ops.
@@ -53,17 +54,21 @@ def channel_mlp(
     b2: Tensor | None,
     gamma: Tensor | None,
     keep: bool,
+    residual: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, u, mean, rstd); u and the statistics are empty unless `keep`."""
+    """(out, u, mean, rstd), x added to out where `residual`; u and the statistics are
+    empty unless `keep`."""
     w2, b2 = _fold(w2, b2, gamma)
     if policy.choose_mlp(x, w1).backend == "reference":
         out, u, mean, rstd = _reference_forward(x, ln_weight, ln_bias, eps, w1, b1, w2, b2)
+        if residual:
+            out.add_(x)  # into the product's fresh output: no further map allocated
         return (out, u, mean, rstd) if keep else (out, _empty(x), _empty(x), _empty(x))
     ops = torch.ops.quadranet_cpu
     if not keep:
-        out = ops.mlp_inference(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, False)
+        out = ops.mlp_inference(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, residual)
         return out, _empty(x), _empty(x), _empty(x)
-    out, u, mean, rstd = ops.mlp_forward(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, False)
+    out, u, mean, rstd = ops.mlp_forward(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, residual)
     return out, u, mean, rstd
 
 
@@ -118,19 +123,19 @@ def channel_mlp_backward(
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    x, ln_w, ln_b, eps, w1, b1, w2, b2, gamma, _ = inputs
+    x, ln_w, ln_b, eps, w1, b1, w2, b2, gamma, _, residual = inputs
     _, u, mean, rstd = output
     ctx.mark_non_differentiable(u, mean, rstd)
     ctx.set_materialize_grads(False)  # no zero gradients made for u and the statistics
     ctx.save_for_backward(x, mean, rstd, u, ln_w, ln_b, w1, b1, w2, b2, gamma)
-    ctx.eps = eps
+    ctx.eps, ctx.residual = eps, residual
     ctx.defined = (ln_w is not None, ln_b is not None, b1 is not None, b2 is not None)
     ctx.setting = (policy.mode(), policy.forced_backend())
 
 
 def _backward(ctx, grad, _gu, _gm, _gr) -> tuple:  # noqa: ANN001
     if grad is None:  # only the non-differentiable outputs were used
-        return (None,) * 10
+        return (None,) * 11
     x, mean, rstd, u, ln_w, ln_b, w1, b1, w2, b2, gamma = ctx.saved_tensors
     if u.numel() == 0 and x.numel() > 0:  # run with keep=False: recompute what backward needs
         n, mean, rstd = aten.native_layer_norm(x, [x.shape[-1]], ln_w, ln_b, ctx.eps)
@@ -139,10 +144,12 @@ def _backward(ctx, grad, _gu, _gm, _gr) -> tuple:  # noqa: ANN001
         dx, dlw, dlb, dw1, db1, dw2, db2, dg = torch.ops.quadranet.channel_mlp_backward(
             grad, x, mean, rstd, u, ln_w, ln_b, ctx.eps, w1, w2, b2, gamma
         )
+    if ctx.residual:
+        dx = dx + grad
     has_lw, has_lb, has_b1, has_b2 = ctx.defined
     return (dx, dlw if has_lw else None, dlb if has_lb else None, None, dw1,
             db1 if has_b1 else None, dw2, db2 if has_b2 else None,
-            dg if gamma is not None else None, None)  # fmt: skip
+            dg if gamma is not None else None, None, None)  # fmt: skip
 
 
 channel_mlp.register_autograd(_backward, setup_context=_setup_context)

@@ -9,10 +9,11 @@
 // They are backends of the `quadranet::` ops (see quadranet/ops): the Python side folds
 // the layer scales into the weights and decides when these kernels apply.
 //
-// Vectors are GCC vector extensions of 8 floats (AVX2 + FMA where the build enables
-// them, pairs of SSE registers otherwise); channels are processed in blocks of 8. Each task (one image,
-// a band of output rows) copies one channel block of its rows plus a k / 2 halo into a
-// zero-padded buffer [rows + 2p][W + 2p][8], so the inner loops have no bounds checks.
+// Vectors are GCC vector extensions of L floats: 16 where the build enables AVX-512F, else
+// 8 (AVX2 + FMA where enabled, pairs of SSE registers otherwise); channels are processed in
+// blocks of L. Each task (one image, a band of output rows) copies one channel block of its
+// rows plus a k / 2 halo into a zero-padded buffer [rows + 2p][W + 2p][L], so the inner
+// loops have no bounds checks.
 // Small batches also split the channel blocks among tasks, so every thread has work.
 // Weight gradients are summed per chunk of tasks (one chunk per thread), then reduced in
 // chunk order: the result is deterministic for a given thread count.
@@ -35,6 +36,10 @@
 #include <new>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 // MKL's packed matrix products, which the x86 builds of libtorch export. Declared weak: on
 // a build without them the pointers are null and the channel MLP uses at::mm_out instead.
 extern "C" {
@@ -49,7 +54,11 @@ __attribute__((weak)) void cblas_sgemm_compute(int layout, int transa, int trans
 
 namespace {
 
-constexpr int L = 8;          // lanes: channels per block
+#if defined(__AVX512F__)
+constexpr int L = 16;         // lanes: channels per block (one 512-bit register)
+#else
+constexpr int L = 8;          // lanes: channels per block (one 256-bit register)
+#endif
 constexpr int64_t BAND = 8;   // output rows per task
 constexpr int TILE = 3;       // output pixels per forward register tile (3 x 3 branches)
 constexpr int DX_TILE = 5;    // output pixels per input-gradient register tile
@@ -88,7 +97,9 @@ inline vf splat(float s) { return vf{} + s; }
 // is loaded once. Without it GCC folds the load into each FMA that uses it, and the
 // forward tile runs 12-26% slower on Zen 3.
 inline void in_register(vf& v) {
-#if defined(__x86_64__)
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));  // any of the 32 vector registers
+#elif defined(__x86_64__)
   asm("" : "+x"(v));
 #else
   (void)v;
@@ -99,7 +110,9 @@ inline void in_register(vf& v) {
 // Lane-wise min and max: one instruction each with AVX (GCC's vector ternary compiles to a
 // compare and a blend). Where either is NaN, both return b.
 inline vf vmin(vf a, vf b) {
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_min_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
+#elif defined(__AVX__)
   return __builtin_ia32_minps256(a, b);
 #else
   return a < b ? a : b;
@@ -107,7 +120,9 @@ inline vf vmin(vf a, vf b) {
 }
 
 inline vf vmax(vf a, vf b) {
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_max_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
+#elif defined(__AVX__)
   return __builtin_ia32_maxps256(a, b);
 #else
   return a > b ? a : b;
