@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         where += f", nominal fp32 {flops / 1e12:.1f} TFLOP/s" if flops else ""
     else:
         where = machine_info(torch.get_num_threads())
+        where += f", C++ kernels built with `{' '.join(ops.cpu.cflags())}`"
     command = " ".join(["python benchmarks/kernels.py", *(sys.argv[1:] if argv is None else argv)])
     title = "# Depthwise quadratic conv: kernels vs the ATen reference and plain convs"
     text = f"{title}\n\n{where}; `{command}`.\n\n" + markdown_table(rows, cols)

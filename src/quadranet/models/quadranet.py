@@ -29,8 +29,6 @@ from quadranet.blocks import LN_EPS, get_block
 from quadranet.nn import LayerNorm2d, QuadraticConv2d, QuadraticLinear
 from quadranet.nn.recompute import Recompute, run_branch
 
-NUM_DOWNSAMPLES = 3  # stride-2 downsamples before stages 2, 3 and 4
-
 
 def _block_kwargs(block_fn: type[nn.Module], **options: Any) -> dict[str, Any]:
     """The options a block accepts; an explicit option the block does not take is an error."""
