@@ -11,11 +11,12 @@
 Steps are timed back to back, `steps` of them between two CUDA events with one
 synchronisation (on the CPU: a wall clock around them). One more profiled step gives the
 kernel launches per step and the GPU-busy fraction (kernel time / step time). Training
-runs with drop-path, as the engine trains; `cudnn.benchmark` is on. Compiled models run
-their timed steps with recompilation turned into an error, so the numbers are for one
-graph, and are first checked against eager: loss and gradients of one training step, with
-the same drop-path masks (inductor draws random numbers as eager does for the check only).
-Modes are only compared within a mode.
+runs with drop-path, as the engine trains; inference runs the model in its inference form
+(timm's `reparameterize_model`, applied after training's timing); `cudnn.benchmark` is on.
+Compiled models run their timed steps with recompilation turned into an error, so the
+numbers are for one graph, and are first checked against eager: loss and gradients of one
+training step, with the same drop-path masks (inductor draws random numbers as eager does
+for the check only). Modes are only compared within a mode.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.utils.model import reparameterize_model
 
 MODES = ("eager", "graph", "compile", "compile-graph")
 GRAPH_MODES = ("graph", "compile-graph")
@@ -189,6 +191,8 @@ def measure_steps(
     out: dict[str, Any] = {}
     for phase in ("train", "infer"):
         model.train(phase == "train")
+        if phase == "infer":  # compiled modes recompile for it in the warm-up calls
+            reparameterize_model(model, inplace=True)
         step = train_step if phase == "train" else infer_step
         if device.type == "cuda":
             torch.cuda.synchronize(device)
