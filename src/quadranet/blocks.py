@@ -22,6 +22,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
 from quadranet.nn import LayerNorm2d, QuadraticConv2d
+from quadranet.nn.norm import pixels, unpixels
 from quadranet.nn.recompute import DEFAULT_RECOMPUTE, Recompute, run_branch
 from quadranet.ops import channel_mlp, quadratic_dwconv
 
@@ -174,7 +175,7 @@ class MixerBlock(nn.Module):
     def channel(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
         """The channel-mixing branch on an NCHW map, before drop-path (plus x where
         `residual`)."""
-        return self.mlp(x.permute(0, 2, 3, 1), residual).permute(0, 3, 1, 2)
+        return unpixels(self.mlp(pixels(x), residual), x.shape[2], x.shape[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reparameterized:  # each residual add inside its branch's operator

@@ -14,8 +14,28 @@ def layer_norm_2d(
     # the weight's shape where there is one: a constant even when the model is traced
     # (the TorchScript ONNX exporter cannot pass a traced size to layer_norm)
     shape = weight.shape if weight is not None else (x.shape[1],)
-    y = F.layer_norm(x.permute(0, 2, 3, 1), shape, weight, bias, eps)
-    return y.permute(0, 3, 1, 2)
+    y = F.layer_norm(pixels(x), shape, weight, bias, eps)
+    return unpixels(y, x.shape[2], x.shape[3])
+
+
+def pixels(x: torch.Tensor) -> torch.Tensor:
+    """An NCHW map as rows of pixels with the channels last (a view when x is channels-last):
+    (N, H, W, C) in eager, (N, H*W, C) under torch.compile.
+
+    Inductor's layout optimisation gives every 4-D tensor of a graph with convolutions
+    channels-last strides, which for an NHWC-shaped tensor is a transposed layout: LayerNorm's
+    saved statistics and the MLP's saved activations would be copied into it and reduced
+    across it. Three dims avoid that; eager keeps the 4-D view, one dispatched op fewer.
+    """
+    rows = x.permute(0, 2, 3, 1)
+    return rows.flatten(1, 2) if torch.compiler.is_compiling() else rows
+
+
+def unpixels(rows: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Rows from `pixels` back to an NCHW map (channels-last strides)."""
+    if torch.compiler.is_compiling():
+        rows = rows.unflatten(1, (height, width))
+    return rows.permute(0, 3, 1, 2)
 
 
 class LayerNorm2d(nn.LayerNorm):
