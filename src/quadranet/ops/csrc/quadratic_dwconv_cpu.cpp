@@ -111,7 +111,8 @@ inline void in_register(vf& v) {
 // compare and a blend). Where either is NaN, both return b.
 inline vf vmin(vf a, vf b) {
 #if defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_min_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
+  const __m512 r = _mm512_min_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b));
+  return reinterpret_cast<vf>(r);
 #elif defined(__AVX__)
   return __builtin_ia32_minps256(a, b);
 #else
@@ -121,7 +122,8 @@ inline vf vmin(vf a, vf b) {
 
 inline vf vmax(vf a, vf b) {
 #if defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_max_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
+  const __m512 r = _mm512_max_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b));
+  return reinterpret_cast<vf>(r);
 #elif defined(__AVX__)
   return __builtin_ia32_maxps256(a, b);
 #else
