@@ -11,7 +11,8 @@ Each child imports `quadranet` from `<tree>/src`, builds the model with stochast
 A tree may carry model options as JSON after the path: `--tree none='.:{"recompute": "none"}'`;
 `{"compile": true}` times `torch.compile(model)` (compilation happens in the warm-up calls);
 `{"mlp_kernel": false}` runs every channel MLP through the ATen reference instead of the
-chunked C++ operator (to check that the operator pays).
+chunked C++ operator (to check that the operator pays); `{"reparameterize": true}` infers a
+copy made by `timm.utils.reparameterize_model` (the inference form, as the Table I bench).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import quadranet  # noqa: F401  (registers the models)
 name, batch, train_batch, steps, threads = sys.argv[1], *map(int, sys.argv[2:6])
 options = json.loads(sys.argv[6])
 compiled = options.pop("compile", False)
+reparameterize = options.pop("reparameterize", False)
 if not options.pop("mlp_kernel", True):
     from quadranet.ops import policy
     policy.MLP_MAX_CHANNELS = 0  # no map qualifies for the chunked MLP
@@ -48,14 +50,17 @@ def train():
     opt.step()
 
 xi = torch.randn(batch, 3, 224, 224).contiguous(memory_format=cl)
+infer_model = timm.utils.reparameterize_model(model) if reparameterize else model  # a copy
+run_infer = torch.compile(infer_model) if compiled and reparameterize else run
 
 def infer():
     with torch.no_grad():
-        run(xi)
+        run_infer(xi)
 
 out = {}
 for key, fn in (("train", train), ("infer", infer)):
     model.train(key == "train")
+    infer_model.train(key == "train")
     for _ in range(2):
         fn()
     times = []
