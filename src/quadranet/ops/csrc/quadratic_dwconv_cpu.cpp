@@ -547,7 +547,8 @@ std::vector<at::Tensor> quadratic_forward(const at::Tensor& x, const at::Tensor&
 // Returns the requested ones of [dx, dweight, dbias, dgamma] of y = gamma (a b + c) given
 // the kept a (gamma folded in) and b and grad = dL/dy, in that order. dweight / dbias use
 // the fused (3C, 1, k, k) / (3C) layouts. With W' the folded weight:
-//   dW = s dW' (s = gamma on branches a and c), dgamma = <Wa, dW'a> + ba db'a + <Wc, dW'c> + bc db'c.
+//   dW = s dW' (s = gamma on branches a and c),
+//   dgamma = <Wa, dW'a> + ba db'a + <Wc, dW'c> + bc db'c.
 std::vector<at::Tensor> quadratic_backward(const at::Tensor& x, const at::Tensor& weight_in,
                                            const c10::optional<at::Tensor>& bias_in,
                                            const c10::optional<at::Tensor>& gamma_in,
