@@ -409,6 +409,31 @@ def test_export_keeps_the_op_and_fx_traces_the_family():
     assert features["s3"].shape == (2, 128, 2, 2)
 
 
+FAMILY = sorted(n for n in timm.list_models() if n.startswith(("quadranet", "convnet", "hornet")))
+QUADRA_STAGES = [["quadra_k3_e2"], ["quadra_k5_e4", "identity"]]
+SEARCHED = [  # one architecture of each search space for quadranet_nas
+    {"space": "quadra", "dims": [8, 16], "stages": QUADRA_STAGES},
+    {"space": "mbconv", "dims": [8, 16], "stages": [["mbconv_k3_e3"], ["mbconv_k5_e6"]]},
+]
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_every_registered_model_traces_with_fx(name):
+    """torch.fx traces each registered model in its training and its inference form, each
+    QuadraBlock as its two custom ops (built on the meta device: tracing computes nothing)."""
+    for kwargs in [{"arch": arch} for arch in SEARCHED] if name == "quadranet_nas" else [{}]:
+        with torch.device("meta"):
+            model = timm.create_model(name, **kwargs)
+        blocks = sum(isinstance(m, QuadraBlock) for m in model.modules())
+        assert blocks > 0 or not name.startswith("quadranet") or "mbconv" in str(kwargs)
+        for form in ("training", "reparameterized"):
+            if form == "reparameterized":
+                quadranet.reparameterize(model.eval())
+            graph = torch.fx.symbolic_trace(model).graph
+            custom = [str(n.target) for n in graph.nodes if str(n.target).startswith("quadranet.")]
+            assert len(custom) == 2 * blocks, (kwargs, form, custom)
+
+
 def test_torchscript_is_refused_clearly():
     with pytest.raises(RuntimeError, match="does not support TorchScript.*torch.export"):
         torch.jit.script(small_model())

@@ -307,8 +307,8 @@ class GnConv(nn.Module):
         first, stack = self.proj_in(x).split((self.dims[0], sum(self.dims)), dim=1)
         gates = (self.dwconv(stack) * self.scale).split(self.dims, dim=1)
         p = first * gates[0]
-        for pw, gate in zip(self.pws, gates[1:]):
-            p = pw(p) * gate
+        for i, pw in enumerate(self.pws):  # gates indexed, not iterated: torch.fx traces it
+            p = pw(p) * gates[i + 1]
         return self.proj_out(p)
 
     def extra_repr(self) -> str:

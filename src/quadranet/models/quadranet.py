@@ -231,9 +231,9 @@ class QuadraNet(nn.Module):
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise RuntimeError(
-            f"{self._name()} does not support TorchScript (its quadratic conv is a custom "
-            "operator with a Python body); use torch.export, torch.compile or "
-            "`quadranet export` (ONNX) instead"
+            f"{self._name()} does not support TorchScript (the family's blocks and norms are "
+            "written for tracing, and the quadratic conv is a custom operator with a Python "
+            "body); use torch.export, torch.compile or `quadranet export` (ONNX) instead"
         )
 
     @torch.jit.ignore
