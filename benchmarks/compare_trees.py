@@ -50,7 +50,7 @@ def train():
     opt.step()
 
 xi = torch.randn(batch, 3, 224, 224).contiguous(memory_format=cl)
-infer_model = timm.utils.reparameterize_model(model) if reparameterize else model  # a copy
+infer_model = timm.utils.reparameterize_model(model).eval() if reparameterize else model  # a copy
 run_infer = torch.compile(infer_model) if compiled and reparameterize else run
 
 def infer():
@@ -60,7 +60,6 @@ def infer():
 out = {}
 for key, fn in (("train", train), ("infer", infer)):
     model.train(key == "train")
-    infer_model.train(key == "train")
     for _ in range(2):
         fn()
     times = []
