@@ -11,11 +11,14 @@ repeat), and the medians are compared.
 
 Options of a variant: `compile` (torch.compile of the model; compilation happens in the
 warm-up calls), `mlp_kernel` (false: every channel MLP through the ATen reference instead
-of the chunked C++ kernels), and, for inference only, `reparameterize` (true: a copy made by
-`quadranet.reparameterize`) with `residual_in_ops` (false: that copy adds the residuals as
-separate ops, as the block's training form does). The model is built with drop-path 0.1
-for training (as the engine trains) and run channels-last float32; training is forward,
-backward and fused AdamW.
+of the chunked C++ kernels), `policy` (constants of `quadranet.ops.policy` set during the
+variant's calls, e.g. `{"MLP_MAX_CHANNELS": 256}`), and, for inference only,
+`reparameterize` (true: a copy made by `quadranet.reparameterize`) with `residual_in_ops`
+(false: that copy adds the residuals as separate ops, as the block's training form does).
+The model is built with drop-path 0.1 for training (as the engine trains) and run
+channels-last float32; training is forward, backward and fused AdamW. The script restarts
+itself under `--allocator` (default: glibc retaining freed memory) with that many OpenMP
+threads.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,21 +38,24 @@ import torch
 from compare_trees import add_step_arguments  # this folder is on sys.path when run
 
 import quadranet  # (also registers the models)
-from quadranet.bench.runner import machine_info
+from quadranet.bench.runner import ALLOCATORS, allocator_env, machine_info
 from quadranet.blocks import MixerBlock
 from quadranet.ops import policy
 
-OPTIONS = ("compile", "mlp_kernel", "reparameterize", "residual_in_ops")
+_UNDER_ALLOCATOR = "QUADRANET_AB_ALLOCATOR_SET"
+OPTIONS = ("compile", "mlp_kernel", "policy", "reparameterize", "residual_in_ops")
 
 
 @contextlib.contextmanager
-def _mlp_kernel(on: bool) -> Iterator[None]:
-    saved = policy.MLP_MAX_CHANNELS
-    policy.MLP_MAX_CHANNELS = saved if on else 0  # no map qualifies for the chunked MLP
+def _policy(constants: dict[str, int]) -> Iterator[None]:
+    saved = {name: getattr(policy, name) for name in constants}
+    for name, value in constants.items():
+        setattr(policy, name, value)
     try:
         yield
     finally:
-        policy.MLP_MAX_CHANNELS = saved
+        for name, value in saved.items():
+            setattr(policy, name, value)
 
 
 def _variants(specs: list[str]) -> dict[str, dict]:
@@ -58,6 +66,9 @@ def _variants(specs: list[str]) -> dict[str, dict]:
         unknown = set(options) - set(OPTIONS)
         if unknown:
             raise SystemExit(f"unknown option(s) {sorted(unknown)}; choose from {OPTIONS}")
+        missing = [name for name in options.get("policy", {}) if not hasattr(policy, name)]
+        if missing:
+            raise SystemExit(f"quadranet.ops.policy has no {missing}")
         variants[label] = options
     return variants
 
@@ -86,10 +97,12 @@ def _steps(args: argparse.Namespace, train: bool, variants: dict[str, dict]) -> 
     for label, options in variants.items():
         run = _inference_form(model, options) if not train else model
         run = torch.compile(run) if options.get("compile") else run
-        kernel = options.get("mlp_kernel", True)
+        constants = dict(options.get("policy", {}))
+        if not options.get("mlp_kernel", True):
+            constants["MLP_MAX_CHANNELS"] = 0  # no map qualifies for the chunked MLP
 
-        def step(run: Callable = run, kernel: bool = kernel) -> None:
-            with _mlp_kernel(kernel):
+        def step(run: Callable = run, constants: dict = constants) -> None:
+            with _policy(constants):
                 if opt is None:
                     with torch.inference_mode():
                         run(x)
@@ -108,13 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     add_step_arguments(p)
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per variant")
+    p.add_argument("--allocator", choices=ALLOCATORS, default="retained")
     p.add_argument("--output", default="", help="JSON file for the results (optional)")
     args = p.parse_args(argv)
     variants = _variants(args.variant)
+    if os.environ.get(_UNDER_ALLOCATOR) is None:  # the allocator is chosen at process start
+        env = allocator_env(args.allocator, args.threads)
+        env[_UNDER_ALLOCATOR] = "1"
+        os.execve(sys.executable, [sys.executable, __file__, *(argv or sys.argv[1:])], env)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     first = next(iter(variants))
-    record: dict = dict(vars(args), machine=machine_info(args.threads))
+    record: dict = dict(vars(args), machine=machine_info(args.threads, args.allocator))
     print(record["machine"], flush=True)
     for kind in ("train", "infer"):
         steps = _steps(args, kind == "train", variants)
