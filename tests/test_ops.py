@@ -435,7 +435,7 @@ def test_every_registered_model_traces_with_fx(name):
             assert len(custom) == 2 * blocks, (kwargs, form, custom)
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's own notice that TorchScript is deprecated
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch: TorchScript is deprecated
 def test_torchscript_is_refused_clearly():
     with pytest.raises(RuntimeError, match="does not support TorchScript.*torch.export"):
         torch.jit.script(small_model())

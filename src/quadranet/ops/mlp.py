@@ -94,7 +94,7 @@ def channel_mlp_backward(
     w2s = w2 if col is None else w2 * col
     if policy.choose_mlp(x, w1).backend == "cpu":
         outs = torch.ops.quadranet_cpu.mlp_backward(
-            x, mean, rstd, u, grad.contiguous(), ln_weight, ln_bias, w1, w2s, False
+            x, mean, rstd, u, grad.contiguous(), ln_weight, ln_bias, w1, w2s
         )
         dx, dlw, dlb, dw1, db1, dw2, db2 = outs
         dlw, dlb, db2 = dlw.clone(), dlb.clone(), db2.clone()  # views of one buffer

@@ -801,11 +801,10 @@ void layer_norm_row(const float* x, int64_t c, const float* w, const float* b, f
 }
 
 // LayerNorm's backward over one row of c values from its saved statistics: with
-// xhat = (x - mean) rstd and dy = dn w, gx = rstd (dy - mean(dy) - xhat mean(dy xhat)),
-// plus res where not null (a residual's gradient); adds dn xhat to dlw and dn to dlb.
+// xhat = (x - mean) rstd and dy = dn w, gx = rstd (dy - mean(dy) - xhat mean(dy xhat));
+// adds dn xhat to dlw and dn to dlb.
 void layer_norm_backward_row(const float* x, const float* dn, int64_t c, float mean, float rstd,
-                             const float* w, const float* res, float* gx, float* dlw,
-                             float* dlb) {
+                             const float* w, float* gx, float* dlw, float* dlb) {
   vf sum_dy = {}, sum_dy_xhat = {};
   for (int64_t j = 0; j < c; j += L) {
     const int64_t n = std::min<int64_t>(L, c - j);
@@ -827,9 +826,7 @@ void layer_norm_backward_row(const float* x, const float* dn, int64_t c, float m
     const int64_t n = std::min<int64_t>(L, c - j);
     const vf xhat = (load_n(x + j, n) - mean) * rstd, d = load_n(dn + j, n);
     const vf dy = w != nullptr ? d * load_n(w + j, n) : d;
-    vf out = rstd * (dy - a - xhat * b);
-    if (res != nullptr) out += load_n(res + j, n);
-    store_n(gx + j, out, n);
+    store_n(gx + j, rstd * (dy - a - xhat * b), n);
   }
 }
 
@@ -963,14 +960,14 @@ std::vector<at::Tensor> mlp_forward(const at::Tensor& x, const c10::optional<at:
 // per chunk dZ = G W2 (w2: fc2's weight with the layer scale folded in), Z and dU = dZ *
 // GELU'(U) in one pass, M += G^T Z, N = LN(x) from the saved statistics, dW1 += dU^T N,
 // dN = dU W1, then LayerNorm's backward row by row. Sums are kept per thread and added in
-// thread order. Returns [grad_x (+ grad where residual), grad_ln_weight, grad_ln_bias,
-// grad_w1, grad_b1, M = G^T Z (C, H), column sums of G (C)]; the caller forms fc2's and the
-// layer scale's gradients from M.
+// thread order. Returns [grad_x, grad_ln_weight, grad_ln_bias, grad_w1, grad_b1,
+// M = G^T Z (C, H), column sums of G (C)]; the caller forms fc2's and the layer scale's
+// gradients from M.
 std::vector<at::Tensor> mlp_backward(const at::Tensor& x, const at::Tensor& mean,
                                      const at::Tensor& rstd, const at::Tensor& u,
                                      const at::Tensor& grad, const c10::optional<at::Tensor>& ln_w,
                                      const c10::optional<at::Tensor>& ln_b, const at::Tensor& w1,
-                                     const at::Tensor& w2, bool residual, int64_t chunk) {
+                                     const at::Tensor& w2, int64_t chunk) {
   const std::array<int64_t, 3> dims = check_mlp(x, w1, w2, "mlp_backward");
   const int64_t c = dims[0], hid = dims[1], rows = dims[2];
   TORCH_CHECK(rows > 0 && hid > 0, "mlp_backward: empty input ", x.sizes());
@@ -1038,7 +1035,7 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& x, const at::Tensor& mean
         const int64_t row = r0 + i;
         const float* gr = g + i * c;
         layer_norm_backward_row(xp + row * c, dnbuf.data() + i * c, c, mp[row], rp[row], lw,
-                                residual ? gr : nullptr, gxp + row * c, dlw, dlb);
+                                gxp + row * c, dlw, dlb);
         for (int64_t j = 0; j < c; j += L) {
           const int64_t n = std::min<int64_t>(L, c - j);
           store_n(gsum + j, load_n(gsum + j, n) + load_n(gr + j, n), n);
@@ -1075,8 +1072,7 @@ TORCH_LIBRARY(quadranet_cpu, m) {
       "Tensor? b1, Tensor w2, Tensor? b2, bool residual, int chunk=0) -> Tensor[]");
   m.def(
       "mlp_backward(Tensor x, Tensor mean, Tensor rstd, Tensor u, Tensor grad, "
-      "Tensor? ln_weight, Tensor? ln_bias, Tensor w1, Tensor w2, bool residual, int chunk=0) "
-      "-> Tensor[]");
+      "Tensor? ln_weight, Tensor? ln_bias, Tensor w1, Tensor w2, int chunk=0) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(quadranet_cpu, CPU, m) {
