@@ -363,6 +363,21 @@ def test_compile_fullgraph_matches_eager_with_drop_path():
         assert_close(compiled(x), model(x))
 
 
+def test_compile_caches_are_keyed_by_the_operator_code(tmp_path, monkeypatch):
+    """torch.compile's on-disk caches key graphs by custom-op names only: a digest of the
+    ops' code in the cache tag keeps graphs compiled with other versions of it apart."""
+    tag = torch.compiler.config.cache_key_tag
+    marks = [t for t in tag.split(",") if t.startswith(ops.CACHE_TAG_PREFIX)]
+    assert len(marks) == 1 and ops.tag_compile_caches() == tag  # added once, at import
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "the-users-tag")
+    assert ops.tag_compile_caches() == f"the-users-tag,{marks[0]}"
+    code = tmp_path / "op.py"
+    code.write_text("y = x + 1\n")
+    before = ops.code_digest([code])
+    code.write_text("y = x + 2\n")
+    assert ops.code_digest([code]) != before
+
+
 @pytest.mark.slow
 def test_inductor_compiles_a_block():
     """Inductor smoke test (fullgraph, training and inference) in a fresh process."""

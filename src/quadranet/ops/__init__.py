@@ -10,9 +10,11 @@ layer uses and why.
 
 from __future__ import annotations
 
+import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,34 @@ __all__ = [
 ]
 
 _recording = threading.local()
+CACHE_TAG_PREFIX = "quadranet-ops-"
+
+
+def code_digest(paths: Iterable[Path]) -> str:
+    """A digest of the files' names and contents."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def tag_compile_caches() -> str:
+    """Add a digest of this package's operator code to torch.compile's cache key tag.
+
+    AOTAutograd's on-disk cache keys a graph by the names of the custom ops in it, not by
+    what their Python bodies, autograd formulas or C++ schemas do: after an upgrade of
+    these files a graph compiled earlier would run the old code (or fail on a changed
+    schema). With the digest in the tag such a graph misses the cache instead. A tag the
+    user set is kept. Returns the tag."""
+    here = Path(__file__).parent
+    mark = CACHE_TAG_PREFIX + code_digest([*here.glob("*.py"), *here.glob("csrc/*")])
+    config = torch.compiler.config
+    if mark not in config.cache_key_tag:
+        config.cache_key_tag = f"{config.cache_key_tag},{mark}".lstrip(",")
+    return config.cache_key_tag
+
+
+tag_compile_caches()
 
 
 def _record(x: torch.Tensor, choice: Callable[[], Choice]) -> None:
