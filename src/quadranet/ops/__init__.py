@@ -59,7 +59,8 @@ def tag_compile_caches() -> str:
     schema). With the digest in the tag such a graph misses the cache instead. A tag the
     user set is kept. Returns the tag."""
     here = Path(__file__).parent
-    mark = CACHE_TAG_PREFIX + code_digest([*here.glob("*.py"), *here.glob("csrc/*")])
+    files = [p for p in (*here.glob("*.py"), *here.glob("csrc/*")) if p.is_file()]
+    mark = CACHE_TAG_PREFIX + code_digest(files)
     config = torch.compiler.config
     if mark not in config.cache_key_tag:
         config.cache_key_tag = f"{config.cache_key_tag},{mark}".lstrip(",")
