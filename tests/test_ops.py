@@ -532,6 +532,41 @@ def test_channel_mlp_matches_the_definition(
         assert_close(y, y_ref, 1e-5)
 
 
+@pytest.mark.skipif(not CPU_BUILT, reason="no C++ build")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("chunk,pack", [(5, True), (1, False), (4, False), (0, True)])
+def test_chunked_mlp_kernels_over_many_chunks(threads, chunk, pack):
+    """The C++ chunked MLP with several chunks per thread, a short last chunk, MKL-packed
+    weights or plain products, and per-thread gradient sums added in order.
+
+    Models' test shapes fit one chunk (the default chunk holds 512 KiB of hidden
+    activation), so the kernels are called here with small chunks."""
+    kernels = cpu.load()[0]
+    c, hid, rows = 12, 40, 23
+    gen = torch.Generator().manual_seed(0)
+    x, lw, lb, b1, b2 = (torch.randn(n, generator=gen) for n in ((rows, c), c, c, hid, c))
+    w1, w2 = torch.randn(hid, c, generator=gen) / 3, torch.randn(c, hid, generator=gen) / 6
+    g = torch.randn(rows, c, generator=gen)
+    tensors = [x, lw, lb, w1, b1, w2, b2]
+    leaves = [t.double().requires_grad_() for t in tensors]
+    y = mlp_definition(*leaves, None)
+    want = torch.autograd.grad(y, leaves, g.double())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inference = kernels.mlp_inference(x, lw, lb, 1e-6, w1, b1, w2, b2, True, chunk, pack)
+        out, u, mean, rstd = kernels.mlp_forward(x, lw, lb, 1e-6, w1, b1, w2, b2, False, chunk)
+        got = kernels.mlp_backward(x, mean, rstd, u, g, lw, lb, w1, w2, chunk)
+    finally:
+        torch.set_num_threads(previous)
+    assert_close(inference, y.detach() + x.double(), 1e-5)
+    assert_close(out, y.detach(), 1e-5)
+    assert_close(u, F.linear(F.layer_norm(x, (c,), lw, lb, 1e-6), w1, b1), 1e-5)
+    # [dx, dln_weight, dln_bias, dw1, db1, G^T GELU(u) = dw2, column sums of G = db2]
+    for actual, expected in zip(got, want):
+        assert_close(actual, expected, 1e-5)
+
+
 def test_channel_mlp_opcheck(monkeypatch):
     monkeypatch.setattr(policy, "MLP_MIN_HIDDEN", 0)
     gen = torch.Generator().manual_seed(0)
