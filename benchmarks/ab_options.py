@@ -31,11 +31,15 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import timm
 import torch
-from compare_trees import add_step_arguments  # this folder is on sys.path when run
+from compare_trees import (  # this folder is on sys.path when run
+    add_output_arguments,
+    add_step_arguments,
+    check_output,
+    write_output,
+)
 
 import quadranet  # (also registers the models)
 from quadranet.bench.runner import ALLOCATORS, allocator_env, machine_info
@@ -122,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per variant")
     p.add_argument("--allocator", choices=ALLOCATORS, default="retained")
-    p.add_argument("--output", default="", help="JSON file for the results (optional)")
+    add_output_arguments(p)
     args = p.parse_args(argv)
+    check_output(args)
     variants = _variants(args.variant)
     if os.environ.get(_UNDER_ALLOCATOR) is None:  # the allocator is chosen at process start
         env = allocator_env(args.allocator, args.threads)
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(variants))
     record: dict = dict(vars(args), machine=machine_info(args.threads, args.allocator))
     print(record["machine"], flush=True)
+    lines = [record["machine"]]
     for kind in ("train", "infer"):
         steps = _steps(args, kind == "train", variants)
         for step in steps.values():
@@ -148,14 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{kind}] repeat {r + 1}/{args.repeats}", flush=True)
         medians = {label: statistics.median(t) for label, t in times.items()}
         for label, t in times.items():
-            print(
+            lines.append(
                 f"{kind} {label}: {medians[label]:.3f} s a call ({min(t):.3f}-{max(t):.3f}); "
-                f"speed vs {first}: {medians[first] / medians[label]:.3f}x",
-                flush=True,
+                f"speed vs {first}: {medians[first] / medians[label]:.3f}x"
             )
+            print(lines[-1], flush=True)
         record[kind] = {"times": times, "median": medians}
-    if args.output:
-        Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
+    write_output(args, record, lines)
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -95,6 +96,34 @@ def add_step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-batch", type=int, default=16)
 
 
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """--output and --overwrite (shared with ab_options.py)."""
+    help_ = "JSON file for the results (optional); the summary goes beside it as .txt"
+    p.add_argument("--output", default="", help=help_)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Refuse, before anything is timed, to replace earlier results without --overwrite."""
+    if not args.output or args.overwrite:
+        return
+    for path in (Path(args.output), Path(args.output).with_suffix(".txt")):
+        if path.exists():
+            raise SystemExit(
+                f"{path} exists: choose another --output, or pass --overwrite to replace it"
+            )
+
+
+def write_output(args: argparse.Namespace, record: dict, lines: list[str]) -> None:
+    """The record as JSON at --output, and the command line and `lines` beside it as .txt."""
+    if not args.output:
+        return
+    path = Path(args.output)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    command = shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    path.with_suffix(".txt").write_text("\n".join([f"$ {command}", *lines]) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -104,29 +133,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", default="", help="taskset CPU list for the children (optional)")
     p.add_argument("--steps", type=int, default=5, help="timed calls per child (median)")
     p.add_argument("--rounds", type=int, default=3, help="children per tree, alternating")
-    p.add_argument("--output", default="", help="JSON file for the results (optional)")
+    add_output_arguments(p)
     args = p.parse_args(argv)
+    check_output(args)
     trees = dict(t.split("=", 1) for t in args.tree)
     runs: dict[str, list[dict[str, float]]] = {label: [] for label in trees}
+    lines: list[str] = []
     for r in range(args.rounds):
         order = list(trees) if r % 2 == 0 else list(trees)[::-1]
         for label in order:
             runs[label].append(measure(trees[label], args))
-            print(f"round {r + 1}/{args.rounds} {label}: {runs[label][-1]}", flush=True)
+            lines.append(f"round {r + 1}/{args.rounds} {label}: {runs[label][-1]}")
+            print(lines[-1], flush=True)
     first = next(iter(trees))
     summary = {}
     for label, results in runs.items():
         summary[label] = {k: statistics.median(r[k] for r in results) for k in ("train", "infer")}
     for label, s in summary.items():
         speed = {k: summary[first][k] / s[k] for k in s}
-        print(
+        lines.append(
             f"{label}: train {args.train_batch / s['train']:.2f} img/s, infer "
             f"{args.batch / s['infer']:.2f} img/s; speed vs {first}: train "
             f"{speed['train']:.3f}x, infer {speed['infer']:.3f}x"
         )
-    if args.output:
-        record = dict(vars(args), runs=runs, summary=summary)
-        Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
+        print(lines[-1])
+    write_output(args, dict(vars(args), runs=runs, summary=summary), lines)
     return 0
 
 
