@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from quadranet.bench.runner import allocator_env
 
 CHILD = r"""
 import json, sys, time, torch, timm
@@ -72,14 +73,12 @@ for key, fn in (("train", train), ("infer", infer)):
 print(json.dumps(out))
 """
 
-RETAINED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=107374182400"
-
 
 def measure(spec: str, args: argparse.Namespace) -> dict[str, float]:
     path, _, options = spec.partition(":")
     tree = Path(path).resolve()
-    env = dict(os.environ, PYTHONPATH=str(tree / "src"), GLIBC_TUNABLES=RETAINED)
-    env["OMP_NUM_THREADS"] = str(args.threads)
+    env = allocator_env("retained", args.threads)
+    env["PYTHONPATH"] = str(tree / "src")  # that tree's quadranet, not this one's
     cmd = [sys.executable, "-c", CHILD, args.model, str(args.batch), str(args.train_batch)]
     cmd += [str(args.steps), str(args.threads), options or "{}"]
     if args.cpus:

@@ -537,7 +537,8 @@ def test_channel_mlp_matches_the_definition(
 @pytest.mark.parametrize("chunk,pack", [(5, True), (1, False), (4, False), (0, True)])
 def test_chunked_mlp_kernels_over_many_chunks(threads, chunk, pack):
     """The C++ chunked MLP with several chunks per thread, a short last chunk, MKL-packed
-    weights or plain products, and per-thread gradient sums added in order.
+    weights or (at inference, the one kernel that takes `pack`) plain products, and
+    per-thread gradient sums added in order.
 
     Models' test shapes fit one chunk (the default chunk holds 512 KiB of hidden
     activation), so the kernels are called here with small chunks."""
