@@ -146,7 +146,9 @@ def test_int8_quantization_is_smaller_and_close(tmp_path):
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
     x = random_images(8, 1, 28, seed=2).numpy()
     ref, got = OnnxModel(fp32)(x), OnnxModel(result.path)(x)
-    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+    # relative RMS error, not the largest error against the largest output: that one
+    # varies with the random weights; a wrong scale or zero point errs by whole outputs
+    assert np.linalg.norm(got - ref) < 0.2 * np.linalg.norm(ref)
     with pytest.raises(ValueError, match="must not overwrite"):
         quantize_int8(fp32, fp32, calib)
 
