@@ -33,7 +33,7 @@ def read_run(folder: Path) -> dict[str, dict[str, float]]:
     if not path.is_file():
         raise SystemExit(f"{path} not found: give folders written by quadranet bench throughput")
     with path.open(newline="") as f:
-        return {row["model"]: {k: float(v) for k, v in row.items() if k != "model"}
+        return {row["model"]: {k: float(v or "nan") for k, v in row.items() if k != "model"}
                 for row in csv.DictReader(f)}  # fmt: skip
 
 
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, required=True, help="folder for ratios.md and summary.md")
     args = p.parse_args(argv)
     runs = {folder.name: read_run(folder) for folder in args.runs}
+    if len(runs) < len(args.runs):
+        raise SystemExit("two runs share a folder name, which labels them: rename one")
     ratios, summary = tables(runs, args.model, args.against)
     command = shlex.join(["python", "benchmarks/throughput_runs.py", *argv])
     args.output.mkdir(parents=True, exist_ok=True)

@@ -76,3 +76,6 @@ def test_throughput_runs_tables_come_from_every_run(tmp_path, monkeypatch):
     assert f"--output {out}" in summary[2]  # the command that made it
     with pytest.raises(SystemExit, match=r"run a has no row for \['x'\]"):
         throughput_runs.main([str(a), "--model", "q", "--against", "x", "--output", str(out)])
+    twin = _write_run(tmp_path / "b" / "a", {"q": (1.0, 1.0, 1.0), "h": (1.0, 1.0, 1.0)})
+    with pytest.raises(SystemExit, match="share a folder name"):
+        throughput_runs.main([str(a), str(twin), "--output", str(out)])
