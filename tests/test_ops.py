@@ -534,11 +534,10 @@ def test_channel_mlp_matches_the_definition(
 
 @pytest.mark.skipif(not CPU_BUILT, reason="no C++ build")
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("chunk,pack", [(5, True), (1, False), (4, False), (0, True)])
-def test_chunked_mlp_kernels_over_many_chunks(threads, chunk, pack):
-    """The C++ chunked MLP with several chunks per thread, a short last chunk, MKL-packed
-    weights or (at inference, the one kernel that takes `pack`) plain products, and
-    per-thread gradient sums added in order.
+@pytest.mark.parametrize("chunk", [5, 1, 4, 0])
+def test_chunked_mlp_kernels_over_many_chunks(threads, chunk):
+    """The C++ chunked MLP with several chunks per thread, a short last chunk and per-thread
+    gradient sums added in order, given weights that require grad (as a model's do).
 
     Models' test shapes fit one chunk (the default chunk holds 512 KiB of hidden
     activation), so the kernels are called here with small chunks."""
@@ -549,13 +548,15 @@ def test_chunked_mlp_kernels_over_many_chunks(threads, chunk, pack):
     w1, w2 = torch.randn(hid, c, generator=gen) / 3, torch.randn(c, hid, generator=gen) / 6
     g = torch.randn(rows, c, generator=gen)
     tensors = [x, lw, lb, w1, b1, w2, b2]
+    for weight in tensors[1:]:
+        weight.requires_grad_()
     leaves = [t.double().requires_grad_() for t in tensors]
     y = mlp_definition(*leaves, None)
     want = torch.autograd.grad(y, leaves, g.double())
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        inference = kernels.mlp_inference(x, lw, lb, 1e-6, w1, b1, w2, b2, True, chunk, pack)
+        inference = kernels.mlp_inference(x, lw, lb, 1e-6, w1, b1, w2, b2, True, chunk)
         out, u, mean, rstd = kernels.mlp_forward(x, lw, lb, 1e-6, w1, b1, w2, b2, False, chunk)
         got = kernels.mlp_backward(x, mean, rstd, u, g, lw, lb, w1, w2, chunk)
     finally:

@@ -40,18 +40,6 @@
 #include <immintrin.h>
 #endif
 
-// MKL's packed matrix products, which the x86 builds of libtorch export. Declared weak: on
-// a build without them the pointers are null and the channel MLP uses at::mm_out instead.
-extern "C" {
-__attribute__((weak)) size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
-__attribute__((weak)) void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n,
-                                            int k, float alpha, const float* src, int ld,
-                                            float* dest);
-__attribute__((weak)) void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n,
-                                               int k, const float* a, int lda, const float* b,
-                                               int ldb, float beta, float* c, int ldc);
-}
-
 namespace {
 
 #if defined(__AVX512F__)
@@ -719,48 +707,27 @@ inline void gelu_vec(vf u, vf& z, vf& grad) {
 // LayerNorm's output and the residual add: on maps with few channels (QuadraNet's stages
 // 1-2) those passes cost more than the chunks' smaller matrix products lose.
 
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
-
-bool have_packed_gemm() {
-  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
-         cblas_sgemm_compute != nullptr;
-}
-
 // C (rows x n) = beta C + A (rows x k) W^T for a row-major weight W (n x k), called from
-// inside a parallel region (the products run on the calling thread). With MKL's packed
-// API the weight is packed once for all chunks instead of once per call.
+// inside a parallel region (the products run on the calling thread). The weight is held
+// detached: ATen's out= products refuse an input that requires grad while grad mode is on,
+// and the pool's worker threads do not see the caller's no-grad mode.
 class RowGemm {
  public:
-  RowGemm(const at::Tensor& w, int64_t max_rows, bool pack)
-      : w_(w.contiguous()), n_(w.size(0)), k_(w.size(1)) {
-    if (pack && have_packed_gemm() && max_rows > 0) {
-      const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(max_rows), int(n_), int(k_));
-      packed_.resize((bytes + sizeof(float) - 1) / sizeof(float));
-      cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, int(max_rows), int(n_), int(k_), 1.f,
-                       w_.data_ptr<float>(), int(k_), packed_.data());
-    }
-  }
+  explicit RowGemm(const at::Tensor& w) : wt_(w.detach().t()) {}
 
   void run(int64_t rows, const float* a, float beta, float* c) const {
-    if (!packed_.empty()) {
-      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(rows), int(n_), int(k_), a, int(k_),
-                          packed_.data(), int(k_), beta, c, int(n_));
-      return;
-    }
     const auto opt = at::TensorOptions().dtype(at::kFloat);
-    at::Tensor at_ = at::from_blob(const_cast<float*>(a), {rows, k_}, opt);
-    at::Tensor ct = at::from_blob(c, {rows, n_}, opt);
+    at::Tensor at_ = at::from_blob(const_cast<float*>(a), {rows, wt_.size(0)}, opt);
+    at::Tensor ct = at::from_blob(c, {rows, wt_.size(1)}, opt);
     if (beta == 0.f) {
-      at::mm_out(ct, at_, w_.t());
+      at::mm_out(ct, at_, wt_);
     } else {
-      at::addmm_out(ct, ct, at_, w_.t());
+      at::addmm_out(ct, ct, at_, wt_);
     }
   }
 
  private:
-  at::Tensor w_;
-  int64_t n_, k_;
-  Floats packed_;
+  at::Tensor wt_;  // W^T (k x n), a view of W
 };
 
 // out = (x - mean) * rstd * w + b over one row of c values (w, b may be null).
@@ -872,10 +839,10 @@ std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
 // LayerNorm statistics: what the training backward needs.
 void mlp_forward_chunks(const at::Tensor& x, const float* lw, const float* lb, float eps,
                         const at::Tensor& w1, const float* b1, const at::Tensor& w2,
-                        const float* b2, bool residual, int64_t chunk, bool pack, float* out,
+                        const float* b2, bool residual, int64_t chunk, float* out,
                         float* u, float* mean, float* rstd) {
   const int64_t c = x.size(-1), hid = w1.size(0), rows = x.numel() / c;
-  const RowGemm fc1(w1, chunk, pack), fc2(w2, chunk, pack);
+  const RowGemm fc1(w1), fc2(w2);
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
     Floats nbuf(chunk * c), hbuf(chunk * hid);
@@ -912,14 +879,12 @@ void mlp_forward_chunks(const at::Tensor& x, const float* lw, const float* lb, f
 
 // Returns (residual ? x : 0) + fc2(GELU(fc1(LN(x)))) for x (..., C) contiguous float32;
 // fc1: w1 (H, C), b1 (H); fc2: w2 (C, H), b2 (C) (a layer scale already folded in).
-// `chunk` rows per task (0: about 512 KiB of hidden activation per chunk). `pack`: multiply
-// by MKL-packed weights where libtorch exports that API (else, and with pack = false,
-// at::mm_out per chunk).
+// `chunk` rows per task (0: about 512 KiB of hidden activation per chunk).
 at::Tensor mlp_inference(const at::Tensor& x, const c10::optional<at::Tensor>& ln_w,
                          const c10::optional<at::Tensor>& ln_b, double eps, const at::Tensor& w1,
                          const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
-                         const c10::optional<at::Tensor>& b2, bool residual, int64_t chunk,
-                         bool pack) {
+                         const c10::optional<at::Tensor>& b2, bool residual,
+                         int64_t chunk) {
   const std::array<int64_t, 3> dims = check_mlp(x, w1, w2, "mlp_inference");
   const int64_t c = dims[0], hid = dims[1], rows = dims[2];
   const float* lw = optional_data(ln_w, c, "ln_weight");
@@ -929,8 +894,8 @@ at::Tensor mlp_inference(const at::Tensor& x, const c10::optional<at::Tensor>& l
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (rows == 0 || hid == 0) return residual ? out.copy_(x) : out.zero_();
   mlp_forward_chunks(x, lw, lb, static_cast<float>(eps), w1, b1p, w2, b2p, residual,
-                     chunk_rows(chunk, hid, rows), pack, out.data_ptr<float>(), nullptr,
-                     nullptr, nullptr);
+                     chunk_rows(chunk, hid, rows), out.data_ptr<float>(), nullptr, nullptr,
+                     nullptr);
   return out;
 }
 
@@ -951,7 +916,7 @@ std::vector<at::Tensor> mlp_forward(const at::Tensor& x, const c10::optional<at:
   mlp_forward_chunks(x, optional_data(ln_w, c, "ln_weight"), optional_data(ln_b, c, "ln_bias"),
                      static_cast<float>(eps), w1, optional_data(b1, hid, "fc1 bias"), w2,
                      optional_data(b2, c, "fc2 bias"), residual, chunk_rows(chunk, hid, rows),
-                     true, out.data_ptr<float>(), u.data_ptr<float>(), mean.data_ptr<float>(),
+                     out.data_ptr<float>(), u.data_ptr<float>(), mean.data_ptr<float>(),
                      rstd.data_ptr<float>());
   return {out, u, mean, rstd};
 }
@@ -983,8 +948,8 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& x, const at::Tensor& mean
   const float* lb = optional_data(ln_b, c, "ln_bias");
   chunk = chunk_rows(chunk, hid, rows);
   const at::Tensor w1c = w1.contiguous();
-  const RowGemm dz_of_g(w2.t().contiguous(), chunk, true);  // G (r x C) W2 (C x H)
-  const RowGemm dn_of_du(w1c.t().contiguous(), chunk, true);  // dU (r x H) W1 (H x C)
+  const RowGemm dz_of_g(w2.t());  // G (r x C) W2 (C x H)
+  const RowGemm dn_of_du(w1c.t());  // dU (r x H) W1 (H x C)
   const int64_t threads = at::get_num_threads();
   const auto opt = x.options();
   at::Tensor acc_m = at::zeros({threads, c, hid}, opt), acc_w1 = at::zeros({threads, hid, c}, opt);
@@ -1066,7 +1031,7 @@ TORCH_LIBRARY(quadranet_cpu, m) {
       "-> Tensor[]");
   m.def(
       "mlp_inference(Tensor x, Tensor? ln_weight, Tensor? ln_bias, float eps, Tensor w1, "
-      "Tensor? b1, Tensor w2, Tensor? b2, bool residual, int chunk=0, bool pack=True) -> Tensor");
+      "Tensor? b1, Tensor w2, Tensor? b2, bool residual, int chunk=0) -> Tensor");
   m.def(
       "mlp_forward(Tensor x, Tensor? ln_weight, Tensor? ln_bias, float eps, Tensor w1, "
       "Tensor? b1, Tensor w2, Tensor? b2, bool residual, int chunk=0) -> Tensor[]");
