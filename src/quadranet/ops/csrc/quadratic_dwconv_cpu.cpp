@@ -947,9 +947,8 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& x, const at::Tensor& mean
   const float* lw = optional_data(ln_w, c, "ln_weight");
   const float* lb = optional_data(ln_b, c, "ln_bias");
   chunk = chunk_rows(chunk, hid, rows);
-  const at::Tensor w1c = w1.contiguous();
   const RowGemm dz_of_g(w2.t());  // G (r x C) W2 (C x H)
-  const RowGemm dn_of_du(w1c.t());  // dU (r x H) W1 (H x C)
+  const RowGemm dn_of_du(w1.t());  // dU (r x H) W1 (H x C)
   const int64_t threads = at::get_num_threads();
   const auto opt = x.options();
   at::Tensor acc_m = at::zeros({threads, c, hid}, opt), acc_w1 = at::zeros({threads, hid, c}, opt);
