@@ -550,7 +550,7 @@ def test_chunked_mlp_kernels_over_many_chunks(threads, chunk):
     tensors = [x, lw, lb, w1, b1, w2, b2]
     for weight in tensors[1:]:
         weight.requires_grad_()
-    leaves = [t.double().requires_grad_() for t in tensors]
+    leaves = [t.detach().double().requires_grad_() for t in tensors]  # float64 reference
     y = mlp_definition(*leaves, None)
     want = torch.autograd.grad(y, leaves, g.double())
     previous = torch.get_num_threads()
