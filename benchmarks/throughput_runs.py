@@ -7,7 +7,7 @@ each run's `throughput.csv` and writes, under `--output`:
 - `ratios.md`: one column a run; the model's (`--model`) inference and training speed
   against each of `--against`, and its peak training RSS against the first of them;
 - `summary.md`: the first run's img/s and peak training RSS of each model, and the
-  model's speed against each over all runs (lowest-highest).
+  model's speed and peak training RSS against each over all runs (lowest-highest).
 
     python benchmarks/throughput_runs.py results/bench_throughput_xeon \
         results/bench_throughput_xeon_b --output results/bench_throughput_xeon_runs
@@ -70,15 +70,16 @@ def tables(runs: dict[str, dict], model: str, against: list[str]) -> tuple[list[
     first = runs[labels[0]]
     summary = [
         f"| model | inference img/s | training img/s | peak train RSS (MiB) | {model} inference"
-        f" / model | {model} training / model |",
-        "|---|---:|---:|---:|---:|---:|",
+        f" / model | {model} training / model | {model} peak train RSS / model |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in (model, *against):
         row = first[name]
         spans = [_range([speed(run, name, key) for run in runs.values()]) for _, key in KINDS]
+        rss = [run[model]["peak_train_mib"] / run[name]["peak_train_mib"] for run in runs.values()]
         summary.append(
             f"| {name} | {row['infer_ips']:.1f} | {row['train_ips']:.1f} | "
-            f"{row['peak_train_mib']:,.0f} | {spans[0]} | {spans[1]} |"
+            f"{row['peak_train_mib']:,.0f} | {spans[0]} | {spans[1]} | {_range(rss)} |"
         )
     return ratios, summary
 

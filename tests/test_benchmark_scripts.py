@@ -71,8 +71,8 @@ def test_throughput_runs_tables_come_from_every_run(tmp_path, monkeypatch):
     assert "| h, training | 1.20x | 1.50x |" in ratios
     assert "| peak training RSS / h | 0.75x | 0.80x |" in ratios
     summary = out.joinpath("summary.md").read_text().splitlines()
-    assert "| q | 30.0 | 6.0 | 1,500 | 1.00x | 1.00x |" in summary  # the first run's img/s
-    assert "| h | 20.0 | 5.0 | 2,000 | 1.20-1.50x | 1.20-1.50x |" in summary
+    assert "| q | 30.0 | 6.0 | 1,500 | 1.00x | 1.00x | 1.00x |" in summary  # first run's img/s
+    assert "| h | 20.0 | 5.0 | 2,000 | 1.20-1.50x | 1.20-1.50x | 0.75-0.80x |" in summary
     assert f"--output {out}" in summary[2]  # the command that made it
     with pytest.raises(SystemExit, match=r"run a has no row for \['x'\]"):
         throughput_runs.main([str(a), "--model", "q", "--against", "x", "--output", str(out)])
