@@ -29,6 +29,23 @@ def test_info_errors_are_one_clear_line(capsys):
     assert "needs at least 32x32" in err and "Traceback" not in err
     assert main(["info", "quadranet36_tt"]) == 2
     assert "did you mean" in capsys.readouterr().err
+    assert main(["info", "resnet18", "--stem-stride", "1"]) == 2  # a setting it does not have
+    assert "cannot build resnet18" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["info", "quadranet25_xxs", "--stem-stride", "0"], "invalid choice: 0"),
+        (["info", "quadranet25_xxs", "--img-size", "-5"], "must be at least 1, got -5"),
+        (["models", "--img-size", "0"], "must be at least 1, got 0"),
+        (["latency", "check", "table.json", "--samples", "0"], "must be at least 1, got 0"),
+    ],
+)
+def test_counts_and_sizes_below_one_are_refused_first(capsys, args, message):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_models_table(monkeypatch, capsys):
@@ -51,7 +68,8 @@ def test_console_script_module_runs():
 @pytest.mark.parametrize(
     "command, shown",
     [("demo", "training epochs (default: 3)"), ("search", "training epochs (default: 10)"),
-     ("adapt", "(default: the checkpoint's run, else 300)"), ("train", "(default: 300)")],
+     ("adapt", "training epochs (default: 300)"), ("train", "(default: 300)"),
+     ("adapt", "folder (default: the checkpoint's run, else mnist)")],
 )  # fmt: skip
 def test_each_command_help_shows_its_own_defaults(capsys, command, shown):
     with pytest.raises(SystemExit):

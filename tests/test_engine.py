@@ -280,10 +280,17 @@ def test_missing_and_corrupt_checkpoints_are_errors(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ckpt.CheckpointError, match="corrupt"):
         Trainer(tiny_cfg(tmp_path, resume=str(bad)))
-    broken = tmp_path / "w.safetensors"
+    broken = tmp_path / "best.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
     assert cli_main(["eval", "--checkpoint", str(broken)]) == 2
-    assert "corrupt" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the advice names another file than the broken one
+    assert "corrupt: use another checkpoint (e.g. the last.safetensors beside it)" in err
+    config = tmp_path / "config.yaml"
+    config.write_text("epochs: 1\n")
+    assert cli_main(["eval", "--checkpoint", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "pass a run folder, its last.pt or a .safetensors weights file" in err
+    assert "delete" not in err and config.is_file()
 
 
 def test_too_few_images_for_one_step_is_an_error(tmp_path):
@@ -468,6 +475,8 @@ def test_sigterm_writes_a_checkpoint_at_the_next_step_and_resume_continues(tmp_p
     b, _ = ckpt.load_weights(tmp_path / "full" / "last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert full.final["top1"] == resumed.history[-1]["val_top1"]
+    for key in ("train_loss", "train_top1"):  # the epoch's batches before the stop count too
+        assert resumed.history[-1][key] == full.history[-1][key], key
     # through the command line: the distinct exit code
     monkeypatch.setattr(Trainer, "_optimizer_step", step_then_sigterm)
     argv = ["train", "--model", "engine_tiny_net", "--dataset", "fake", "--epochs", "2"]
@@ -544,6 +553,21 @@ def test_initial_checkpoint_of_another_shape_is_one_clear_line(tmp_path, capsys)
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and "--pretrained-path" in err and len(err.splitlines()) == 1
+
+
+def test_weights_under_other_names_are_a_short_line(tmp_path, capsys):
+    """Every key missing (weights saved from a wrapper): one line, not pages of key names."""
+    from quadranet.models import create_model
+
+    tiny = dict(stem_stride=2, depths=[1, 1, 1], dims=[8, 16, 32])
+    model = create_model("quadranet25_xxs", in_chans=1, num_classes=4, **tiny)
+    data = dict(FAKE, img_size=28, length=8, val_length=8)
+    config = dict(model="quadranet25_xxs", model_kwargs=tiny, dataset="fake", dataset_kwargs=data)
+    weights = {f"module.{k}": v for k, v in model.state_dict().items()}
+    path = ckpt.save_weights(tmp_path / "best.safetensors", weights, {"config": config})
+    assert cli_main(["eval", "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit quadranet25_xxs" in err and len(err) < 800, len(err)
 
 
 def test_pretrained_path_loads_a_backbone_with_a_new_classifier(tmp_path):

@@ -212,13 +212,45 @@ def test_cli_exports_nas_architecture(tmp_path, capsys):
         (["--arch", "missing.json"], "architecture file missing.json does not exist"),
         (["quadranet36_xxs", "--img-size", "16"], "needs at least 32x32"),
         ([], "give a model NAME"),
+        (["quadranet25_xxs", "--parity-dataset", "nosuchds"], "unknown dataset 'nosuchds'"),
+        (["quadranet25_xxs", "--parity-samples", "0"], "must be at least 1, got 0"),
+        (["quadranet25_xxs", "--img-size", "-1"], "must be at least 1, got -1"),
+        (["quadranet25_xxs", "--in-chans", "0"], "must be at least 1, got 0"),
+        (["quadranet25_xxs", "--eval-samples", "0"], "must be at least 1, got 0"),
+        (["quadranet25_xxs", "--tolerance", "-1"], "must be above 0, got -1"),
+        (["quadranet25_xxs", "--model-kwargs", "stem_stride=0"], "stem_stride must be 1, 2 or 4"),
+        (["quadranet25_xxs", "--num-classes", "0", "--evaluate"], "--evaluate needs a classifier"),
     ],
 )
 def test_cli_bad_inputs_are_one_clear_line(args, message, tmp_path, capsys):
-    assert main(["export", *args, "-o", str(tmp_path / "m.onnx")]) == 2
+    try:
+        status = main(["export", *args, "-o", str(tmp_path / "m.onnx")])
+    except SystemExit as stop:  # argparse's own checks
+        status = stop.code
+    assert status == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_exports_without_a_classifier_and_at_a_fixed_batch(tmp_path, capsys):
+    """--num-classes 0 gives pooled features (from a checkpoint too: its classifier is
+    dropped); a batch-1 file is checked one image at a time."""
+    model = create_model("quadranet25_xxs", in_chans=1, num_classes=10, **TINY)
+    config = dict(model="quadranet25_xxs", model_kwargs=TINY, dataset="mnist")
+    ckpt = save_weights(tmp_path / "best.safetensors", model.state_dict(), dict(config=config))
+    out = tmp_path / "features.onnx"
+    args = ["export", "--checkpoint", str(ckpt), "-o", str(out), "--num-classes", "0"]
+    assert main([*args, "--no-dynamic-batch", "--parity-samples", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "(1x28x28 input, no classifier)" in text and "batch 1;" in text
+    assert "parity on random inputs (batch 3)" in text and "ABOVE" not in text
+    x = random_images(1, 1, 28)
+    with torch.no_grad():
+        expected = model.eval().forward_head(model.forward_features(x), pre_logits=True)
+    got = OnnxModel(out)(x.numpy())
+    assert got.shape == (1, 32)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4 * expected.abs().max().item())
 
 
 # --- latency benchmark -------------------------------------------------------------------------

@@ -73,6 +73,13 @@ def test_bad_yaml_in_model_kwargs_is_one_line(tmp_path, capsys, item):
     assert "key=value pairs" in err and not (tmp_path / "run").exists()
 
 
+def test_an_unknown_key_names_its_config_file(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochz: 3\n")
+    assert cli_main([*cli_train(tmp_path / "run"), "--config", str(path)]) == EXIT_BAD_INPUT
+    assert f"unknown key 'epochz' in {path}; did you mean 'epochs'?" in error_line(capsys)
+
+
 def test_bad_yaml_in_a_config_file_is_one_line(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("epochs: [1\n")
@@ -358,6 +365,85 @@ def test_resume_refuses_another_model_and_applies_a_new_warmup(finished_run, tmp
         Trainer(again.replace(model_kwargs={"width": 16}))
     Trainer(again.replace(warmup_epochs=1.5, quiet=False))
     assert "--warmup-epochs 0.0 -> 1.5" in capsys.readouterr().out
+    # the data an epoch sees, and EMA on or off, are fixed too (the schedule counts the
+    # steps of an epoch; an EMA started at resume would begin from the initial weights)
+    with pytest.raises(ckpt.CheckpointError, match="--limit-train-batches 2 but this run asks"):
+        Trainer(again.replace(limit_train_batches=1))
+    with pytest.raises(ckpt.CheckpointError, match="with --ema but this run asks for --no-ema"):
+        Trainer(again.replace(ema=False))
+    with pytest.raises(ckpt.CheckpointError, match="weights only.*--initial-checkpoint"):
+        Trainer(again.replace(resume=str(tmp_path / "run" / "best.safetensors")))
+
+
+def test_model_kwargs_that_name_no_file_are_kept_and_resume(tmp_path):
+    """drop_path_rate (with 'path' in its name) is an architecture setting: it is saved with
+    the run, and the run resumes with it; kwargs that name files are still dropped."""
+    assert not ckpt.is_source_kwarg("drop_path_rate")
+    for key in ("checkpoint_path", "pretrained_cfg_overlay", "cache_dir", "file", "hub_id"):
+        assert ckpt.is_source_kwarg(key), key
+    tiny = dict(stem_stride=2, depths=[1, 1, 1], dims=[8, 16, 32], drop_path_rate=0.1)
+    data = dict(FAKE, img_size=28, length=16, val_length=8)
+    cfg = tiny_cfg(tmp_path, model="quadranet25_xxs", model_kwargs=tiny, dataset_kwargs=data)
+    cfg = cfg.replace(epochs=1, limit_train_batches=1, limit_val_batches=1)
+    train(cfg)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model_kwargs"] == tiny
+    resumed = train(cfg.replace(resume=str(tmp_path / "run"), epochs=2))
+    assert [r["epoch"] for r in resumed.history] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_classes": 5}, "--model-kwargs num_classes: the engine sets it; use --num-classes"),
+        ({"in_chans": 3}, "--model-kwargs in_chans: the engine sets it"),
+        ({"pretrained": True}, "--model-kwargs pretrained: the engine sets it; use --pretrained"),
+        ({"drop_path_rate": 0.3}, "conflicts with --drop-path 0.1; set --drop-path 0.3"),
+    ],
+)
+def test_model_kwargs_the_engine_sets_are_one_line(tmp_path, capsys, kwargs, message):
+    argv = cli_train(tmp_path / "run", "--drop-path", "0.1", "--model-kwargs", json.dumps(kwargs))
+    assert cli_main(argv) == EXIT_BAD_INPUT
+    assert message in error_line(capsys)
+
+
+def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine\n")
+    for output in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert cli_main(cli_train(output)) == EXIT_BAD_INPUT
+        assert f"{tmp_path / 'afile'} is a file, not a folder" in error_line(capsys)
+    assert (tmp_path / "afile").read_text() == "mine\n"
+    with pytest.raises(ConfigError, match="img_size must be >= 1"):
+        tiny_cfg(tmp_path, img_size=0)
+
+
+def test_the_demo_starts_over_only_a_demo_run(tmp_path, capsys):
+    """The demo preset starts its own folder over each time, but not one holding another run
+    (unless --overwrite is given)."""
+    train(tiny_cfg(tmp_path, epochs=1, limit_train_batches=1, limit_val_batches=1))
+    state = (tmp_path / "run" / "last.pt").read_bytes()
+    quick = ["--epochs", "1", "--max-samples", "64", "--batch-size", "32", "--quiet"]
+    assert cli_main(["demo", "--output", str(tmp_path / "run"), *quick]) == EXIT_BAD_INPUT
+    assert "holds a run already" in error_line(capsys)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == state
+    for _ in range(2):
+        assert cli_main(["demo", "--output", str(tmp_path / "demo"), *quick]) == 0
+    capsys.readouterr()
+
+
+def test_overwrite_starts_over_without_the_earlier_runs_files(tmp_path, capsys):
+    """A run with EMA, then one without over it: none of the first run's weights stay, so
+    nothing (eval --ema) can take them for the new run's."""
+    train(tiny_cfg(tmp_path, epochs=1, ema=True, limit_train_batches=1, limit_val_batches=1))
+    run = tmp_path / "run"
+    assert (run / "best_ema.safetensors").is_file() and (run / "last_ema.safetensors").is_file()
+    (run / "notes.txt").write_text("the user's own file\n")
+    train(tiny_cfg(tmp_path, epochs=1, overwrite=True, limit_train_batches=1, limit_val_batches=1))
+    assert not (run / "best_ema.safetensors").exists()
+    assert not (run / "last_ema.safetensors").exists()
+    assert (run / "notes.txt").read_text() == "the user's own file\n"
+    assert cli_main(["eval", "--checkpoint", str(run), "--ema"]) == EXIT_BAD_INPUT
+    capsys.readouterr()
 
 
 def test_the_run_config_yaml_resumes_and_never_starts_the_run_over(tmp_path, capsys):
@@ -372,6 +458,13 @@ def test_the_run_config_yaml_resumes_and_never_starts_the_run_over(tmp_path, cap
     argv = ["train", "--config", str(config), "--resume", str(tmp_path / "run"), "--epochs", "2"]
     assert cli_main(argv) == 0
     assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [0, 1]
+    # nor does it keep --resume: as a template for a new run it starts that run
+    assert yaml.safe_load(config.read_text())["resume"] is None
+    state = (tmp_path / "run" / "last.pt").read_bytes()
+    argv = ["train", "--config", str(config), "--output", str(tmp_path / "new"), "--epochs", "1"]
+    assert cli_main(argv) == 0
+    assert (tmp_path / "new" / "last.pt").is_file()
+    assert (tmp_path / "run" / "last.pt").read_bytes() == state
 
 
 def test_sigusr1_preempts_like_sigterm(tmp_path, monkeypatch, capsys):

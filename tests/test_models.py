@@ -155,6 +155,9 @@ def test_small_images_with_stem_stride():
     model = timm.create_model("quadranet25_xxs", in_chans=1, num_classes=10, stem_stride=1)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert model.feature_info[-1]["reduction"] == 8
+    for stride in (0, 3):  # refused before the input size is worked out from it
+        with pytest.raises(ValueError, match=f"stem_stride must be 1, 2 or 4, got {stride}"):
+            timm.create_model("quadranet25_xxs", stem_stride=stride)
 
 
 def test_kwargs_reach_the_blocks():

@@ -163,6 +163,12 @@ def test_adapter_init_reproduces_the_first_order_conv(groups):
     assert grad_a.abs().max() > 0  # the quadratic term still learns
 
 
+def test_adapter_init_refuses_a_conv_it_cannot_reproduce():
+    reflect = nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect")
+    with pytest.raises(ValueError, match="zero-padded convs, got padding_mode='reflect'"):
+        QuadraticConv2d.from_conv(reflect)
+
+
 def test_adapter_init_linear():
     torch.manual_seed(9)
     lin = nn.Linear(6, 4)

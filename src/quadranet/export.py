@@ -123,9 +123,11 @@ def load_model(
     elif arch is not None:
         arch_path = _arch_path(arch)
     cfg = TrainConfig(model=name, model_kwargs=kwargs, arch=arch_path, drop_path=0.0)
-    classes = num_classes or settings.get("num_classes") or (info.num_classes if info else 1000)
-    chans = in_chans or (info.in_chans if info else 3)
-    model = build_model(cfg, classes, chans)
+    trained = settings.get("num_classes") or (info.num_classes if info else 1000)
+    classes = trained if num_classes is None else num_classes
+    chans = in_chans if in_chans is not None else (info.in_chans if info else 3)
+    # no classifier (0 classes): the trained model's, removed after its weights are loaded
+    model = build_model(cfg, trained if classes == 0 and weights is not None else classes, chans)
     if weights is not None:
         try:
             model.load_state_dict(weights)
@@ -135,6 +137,8 @@ def load_model(
                 f"the checkpoint does not fit {name} ({first}); pass the --model-kwargs, "
                 "--num-classes and --in-chans it was trained with"
             ) from err
+        if classes == 0:
+            model.reset_classifier(0)
     size = img_size or settings.get("img_size") or (info.img_size if info else None)
     size = size or _default_img_size(model)
     return LoadedModel(model.eval(), name, chans, size, classes, dataset)
@@ -453,7 +457,10 @@ def compare(
     for label, x in batches.items():
         with torch.no_grad():
             ref = model(x).float().numpy()
-        got = onnx_model(x.numpy().astype(onnx_model.input_dtype))
+        arr = x.numpy().astype(onnx_model.input_dtype)
+        step = onnx_model.input_shape[0]  # a file with a fixed batch takes that many at a time
+        step = step if isinstance(step, int) and step > 0 else len(arr)
+        got = np.concatenate([onnx_model(arr[i : i + step]) for i in range(0, len(arr), step)])
         err = float(np.abs(got.astype(np.float64) - ref).max())
         scale = float(np.abs(ref).max())
         rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)

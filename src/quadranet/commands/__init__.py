@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 def add_command_modules(sub: argparse._SubParsersAction, modules: Iterable[str]) -> None:
@@ -17,3 +17,18 @@ def add_command_modules(sub: argparse._SubParsersAction, modules: Iterable[str])
                 raise
             continue
         module.add_parser(sub)
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= `low` (a count, a size)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse

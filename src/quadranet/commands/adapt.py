@@ -11,6 +11,7 @@ from quadranet.engine.commands import guard
 from quadranet.engine.config import (
     TrainConfig,
     add_config_arguments,
+    checkpoint_keys,
     config_from_args,
     load_yaml,
 )
@@ -59,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=INIT_STD,
         help=f"std of the random B part (default: {INIT_STD})",
     )
-    add_config_arguments(p, default_source="the checkpoint's run")
+    add_config_arguments(p, default_source="the checkpoint's run", sourced=checkpoint_keys())
     p.set_defaults(func=guard(run_adapt, "adapt"))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from quadranet.commands import at_least
+from quadranet.data import dataset_info
 from quadranet.engine.config import _KeyValueAction
 from quadranet.export import (
     DEFAULT_TOLERANCE,
@@ -24,6 +26,16 @@ FORMATS = ("onnx",)
 QUANTIZATIONS = ("int8",)
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def _int8_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.int8{path.suffix}")
 
@@ -40,6 +52,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.name is None and args.arch is None and args.checkpoint is None:
         raise ValueError("give a model NAME, --arch arch.json, or --checkpoint RUN")
     check_opset(args.opset, args.exporter)  # before any slow work
+    for name in (args.parity_dataset, args.eval_dataset, args.calib_dataset):
+        if name is not None:
+            dataset_info(name)  # a misspelt dataset is an error now, not after the export
     out = check_output(args.output)
     if args.quantize:
         _quantized_output(args, out)
@@ -53,9 +68,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         in_chans=args.in_chans,
         model_kwargs=args.model_kwargs,
     )
+    if args.evaluate and not loaded.num_classes:
+        raise ValueError("--evaluate needs a classifier; drop --num-classes 0")
+    classes = f"{loaded.num_classes} classes" if loaded.num_classes else "no classifier"
     print(
         f"exporting {loaded.name} ({loaded.in_chans}x{loaded.img_size}x{loaded.img_size} input, "
-        f"{loaded.num_classes} classes) to {out}"
+        f"{classes}) to {out}"
     )
     result = export_onnx(
         loaded.model,
@@ -167,9 +185,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="auto (default): dynamo, else TorchScript",
     )
-    p.add_argument("--img-size", type=int, help="input side (default: checkpoint's or 224)")
-    p.add_argument("--num-classes", type=int, help="classes (default: checkpoint's or 1000)")
-    p.add_argument("--in-chans", type=int, help="input channels (default: checkpoint's or 3)")
+    p.add_argument("--img-size", type=at_least(1), help="input side (default: checkpoint's or 224)")
+    p.add_argument(
+        "--num-classes",
+        type=at_least(0),
+        help="classes (default: checkpoint's or 1000; 0: no classifier, pooled features out)",
+    )
+    p.add_argument(
+        "--in-chans", type=at_least(1), help="input channels (default: checkpoint's or 3)"
+    )
     p.add_argument(
         "--model-kwargs",
         nargs="+",
@@ -186,11 +210,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--parity-dataset", help="real images for the check (default: checkpoint's)")
     p.add_argument(
-        "--parity-samples", type=int, default=16, help="images per parity batch (default 16)"
+        "--parity-samples",
+        type=at_least(1),
+        default=16,
+        help="images per parity batch (default 16)",
     )
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=_tolerance,
         default=DEFAULT_TOLERANCE,
         help="max |onnx-torch|/max|torch| (default 1e-4)",
     )
@@ -198,7 +225,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantized-output", help="int8 file (default: <output>.int8.onnx)")
     p.add_argument("--calib-dataset", help="calibration images (default: checkpoint's dataset)")
     p.add_argument(
-        "--calib-samples", type=int, default=256, help="calibration images (default 256)"
+        "--calib-samples", type=at_least(1), default=256, help="calibration images (default 256)"
     )
     p.add_argument(
         "--calib-method",
@@ -232,5 +259,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--evaluate", action="store_true", help="top-1 of the ONNX model(s) on the val split"
     )
     p.add_argument("--eval-dataset", help="dataset for --evaluate (default: checkpoint's)")
-    p.add_argument("--eval-samples", type=int, help="evaluate on the first N val images only")
+    p.add_argument(
+        "--eval-samples", type=at_least(1), help="evaluate on the first N val images only"
+    )
     p.set_defaults(func=_cmd_export)

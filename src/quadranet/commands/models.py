@@ -10,6 +10,7 @@ from torch import nn
 
 from quadranet.bench.measure import activation_bytes_per_image, count_macs, count_params
 from quadranet.blocks import QuadraBlock
+from quadranet.commands import at_least
 from quadranet.models import create_model, list_models
 from quadranet.nn import QuadraticConv2d
 
@@ -76,7 +77,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = dict(num_classes=args.num_classes, in_chans=args.in_chans)
     if args.stem_stride is not None:
         kwargs["stem_stride"] = args.stem_stride
-    model = build_on_meta(args.name, **kwargs)
+    try:
+        model = build_on_meta(args.name, **kwargs)
+    except TypeError as err:  # e.g. --stem-stride for a model that has no such setting
+        raise ValueError(f"cannot build {args.name} with {kwargs}: {err}") from None
     print(f"model           {args.name} ({model_kind(model)})")
     print(f"params          {count_params(model):,}")
     macs = count_macs(model, args.img_size, args.in_chans)
@@ -91,13 +95,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `models` and `info`."""
     p = sub.add_parser("models", help="list the registered models with params and MACs")
-    p.add_argument("--img-size", type=int, default=224, help="input size for MACs (default 224)")
+    p.add_argument(
+        "--img-size", type=at_least(1), default=224, help="input size for MACs (default 224)"
+    )
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("info", help="params, MACs, stage shapes and saved bytes of one model")
     p.add_argument("name", help="model name (any timm model works too)")
-    p.add_argument("--img-size", type=int, default=224, help="input size (default 224)")
-    p.add_argument("--in-chans", type=int, default=3, help="input channels (default 3)")
-    p.add_argument("--num-classes", type=int, default=1000, help="classes (default 1000)")
-    p.add_argument("--stem-stride", type=int, default=None, help="QuadraNet stem stride (1/2/4)")
+    p.add_argument("--img-size", type=at_least(1), default=224, help="input size (default 224)")
+    p.add_argument("--in-chans", type=at_least(1), default=3, help="input channels (default 3)")
+    p.add_argument("--num-classes", type=at_least(0), default=1000, help="classes (default 1000)")
+    p.add_argument(
+        "--stem-stride", type=int, choices=(1, 2, 4), help="QuadraNet stem stride (default 4)"
+    )
     p.set_defaults(func=_cmd_info)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from quadranet.commands import at_least
 from quadranet.data import dataset_info
 from quadranet.engine import distributed as D
 from quadranet.engine.commands import guard
@@ -95,7 +96,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=fmt,
     )
     p.add_argument("table", help="latency table JSON")
-    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--samples", type=at_least(1), default=20, help="random architectures timed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=0.10, help="relative error counted as ok")
     p.add_argument("-o", "--output", default=None, help="write the rows as JSON here")

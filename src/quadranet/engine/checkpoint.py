@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import tempfile
 from collections.abc import Callable, Mapping
@@ -35,10 +36,10 @@ class CheckpointWriteError(CheckpointError, OSError):
 
 
 # Words in create_model kwargs that make timm read weights or settings from a file, a URL
-# or the Hugging Face Hub (checkpoint_path, pretrained_cfg_overlay=dict(file=...), cache_dir).
-_SOURCE_WORDS = frozenset(
-    {"pretrained", "checkpoint", "path", "file", "filename", "url", "dir", "hub", "cache"}
-)
+# or the Hugging Face Hub (checkpoint_path, pretrained_cfg_overlay=dict(file=...), cache_dir):
+# anywhere in the name, or (words that also name settings, as in drop_path_rate) at its end.
+_SOURCE_WORDS = frozenset({"pretrained", "checkpoint", "filename", "url", "hub", "cache"})
+_SOURCE_ENDINGS = frozenset({"path", "file", "dir"})
 
 
 def _current_umask() -> int:
@@ -151,10 +152,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         tensors = safetensors.torch.load_file(str(path), device="cpu")
         meta = _read_metadata(path)
     except Exception as err:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({err}); "
-            "it may be truncated or corrupt: use another checkpoint (e.g. best.safetensors)"
-        ) from err
+        raise _unreadable(path, err) from err
     check_finite(path, tensors)
     return tensors, meta
 
@@ -165,10 +163,15 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
     try:
         return _read_metadata(path)
     except Exception as err:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({err}); "
-            "it may be truncated or corrupt: use another checkpoint (e.g. best.safetensors)"
-        ) from err
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    other = "last.safetensors" if path.name.startswith("best") else "best.safetensors"
+    return CheckpointError(
+        f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupt: "
+        f"use another checkpoint (e.g. the {other} beside it)"
+    )
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
@@ -202,7 +205,8 @@ def safe_model_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 def is_source_kwarg(key: str) -> bool:
     """Whether a create_model kwarg makes timm read a file, a URL or the Hub."""
-    return any(word in _SOURCE_WORDS for word in key.lower().replace("-", "_").split("_"))
+    words = key.lower().replace("-", "_").split("_")
+    return words[-1] in _SOURCE_ENDINGS or any(word in _SOURCE_WORDS for word in words)
 
 
 def check_finite(path: str | Path, tensors: Mapping[str, Any], what: str = "tensor") -> None:
@@ -234,10 +238,15 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        # not torch's own text for a pickle it refuses: that suggests weights_only=False
+        why = (
+            "it is not a torch file, or holds objects other than tensors and plain values"
+            if isinstance(err, pickle.UnpicklingError)
+            else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        )
         raise CheckpointError(
-            f"{path} cannot be loaded as a training state ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); it is corrupt or not a quadranet "
-            "checkpoint: delete it, resume from another file, or start without --resume"
+            f"{path} cannot be loaded as a training state ({why}); it is corrupt or not a "
+            "quadranet checkpoint: pass a run folder, its last.pt or a .safetensors weights file"
         ) from err
     if not isinstance(state, dict) or "model" not in state or "format_version" not in state:
         raise CheckpointError(f"{path} is not a quadranet training state (no 'model' entry)")

@@ -12,6 +12,7 @@ from pathlib import Path
 from quadranet.cli import print_error
 from quadranet.data import DataError, bundled_package_installed
 from quadranet.engine import distributed as D
+from quadranet.engine import runfolder
 from quadranet.engine.checkpoint import CheckpointError
 from quadranet.engine.config import (
     EVAL_GROUPS,
@@ -147,6 +148,8 @@ def run_demo(args: argparse.Namespace) -> int:
     preset = resources.files("quadranet.configs") / DEMO_PRESET
     with resources.as_file(preset) as preset_path:
         cfg = config_from_args(args, base=Path(preset_path))
+    if "overwrite" not in vars(args) and not _holds_demo_run(cfg):
+        cfg = cfg.replace(overwrite=False)  # the preset starts over demo runs, no other run
     start = time.perf_counter()
     result = train(cfg)
     weights = result.output_dir / "last.safetensors"
@@ -158,6 +161,18 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"report: {result.output_dir / REPORT_NAME}")
         print(f"plot:   {result.output_dir / PLOT_NAME}")
     return 0
+
+
+def _holds_demo_run(cfg: TrainConfig) -> bool:
+    """Whether cfg's output folder holds a run of the same model on the same data, or none."""
+    saved = cfg.output_dir / "config.yaml"
+    if not saved.is_file():
+        return not runfolder.holds_run(cfg.output_dir)
+    try:
+        run = load_yaml(saved)
+    except ConfigError:
+        return False
+    return all(run.get(key) == getattr(cfg, key) for key in ("model", "model_kwargs", "dataset"))
 
 
 def _metrics_line(metrics: dict[str, float], path: Path) -> str:

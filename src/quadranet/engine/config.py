@@ -10,6 +10,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,8 @@ class TrainConfig:
             f"device must be auto, cpu, cuda or cuda:N with N a GPU index, e.g. cuda:0 "
             f"(got {self.device!r})",
         )
-        for name in ("max_samples", "limit_train_batches", "limit_val_batches", "num_classes"):
+        limits = ("max_samples", "limit_train_batches", "limit_val_batches")
+        for name in (*limits, "num_classes", "img_size"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"{name} must be >= 1 or none (got {value})")
         need(self.save_every >= 1, f"save_every must be >= 1 (got {self.save_every})")
@@ -242,23 +244,35 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a mapping whose keys are flag names (dashes or underscores)."""
-        known = _field_types()
-        clean = {}
-        for key, value in values.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                close = difflib.get_close_matches(name, list(known), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(
-                    f"unknown key '{key}' in {source}{hint} (valid keys: {', '.join(known)})"
-                )
-            clean[name] = value
-        return cls(**clean)
+        return cls(**_known_keys(values, source))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Load a YAML file whose keys match the flags, then apply overrides."""
         return cls.from_dict({**load_yaml(path), **overrides}, source=str(path))
+
+
+def _known_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` with keys as field names (dashes to underscores); an unknown key is an error
+    that names `source` and the closest field."""
+    known = _field_types()
+    clean = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown key '{key}' in {source}{hint} (valid keys: {', '.join(known)})"
+            )
+        clean[name] = value
+    return clean
+
+
+def checkpoint_keys() -> set[str]:
+    """The settings a checkpoint passes on to eval, export and adapt: its model, data and
+    hardware, but not how much of the data its run used."""
+    return group_keys(EVAL_GROUPS) - {"max_samples", "limit_train_batches", "limit_val_batches"}
 
 
 def group_keys(groups: tuple[str, ...]) -> set[str]:
@@ -384,11 +398,13 @@ def add_config_arguments(
     groups: tuple[str, ...] = ENGINE_GROUPS,
     defaults: dict[str, Any] | None = None,
     default_source: str | None = None,
+    sourced: Collection[str] = (),
 ):
     """Add one flag per TrainConfig field in `groups`; unset flags stay out of the namespace.
 
     The help shows the command's own defaults: `defaults` (a preset) over TrainConfig's,
-    or, with `default_source`, says where they come from (e.g. the checkpoint's run)."""
+    and for the `sourced` fields where they come from first (`default_source`, e.g. the
+    checkpoint's run)."""
     defaults = defaults or {}
     parser.add_argument(
         "--config", metavar="YAML", default=argparse.SUPPRESS, help="YAML file of flag: value"
@@ -405,7 +421,7 @@ def add_config_arguments(
         flag = "--" + f.name.replace("_", "-")
         default = "{}" if f.default is dataclasses.MISSING else f.default
         default = defaults.get(f.name, default)
-        if default_source:
+        if default_source and f.name in sourced:
             default = f"{default_source}, else {default}"
         help_text = f"{f.metadata['help']} (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
@@ -441,10 +457,9 @@ def config_from_args(
     values: dict[str, Any] = {}
     if isinstance(base, dict):
         values.update(base)
-    elif base is not None:
-        values.update(load_yaml(base))
-    if getattr(args, "config", None):
-        values.update(load_yaml(args.config))
+    for path in (base if not isinstance(base, dict) else None, getattr(args, "config", None)):
+        if path:  # each file's keys checked on their own, so an error names the file
+            values.update(_known_keys(load_yaml(path), str(path)))
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return TrainConfig.from_dict(values)

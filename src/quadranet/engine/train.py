@@ -46,7 +46,7 @@ from quadranet.data import dataset_info as get_dataset_info
 from quadranet.engine import checkpoint as ckpt
 from quadranet.engine import distributed as D
 from quadranet.engine import report, runfolder
-from quadranet.engine.config import EVAL_GROUPS, ConfigError, TrainConfig, group_keys
+from quadranet.engine.config import ConfigError, TrainConfig, checkpoint_keys
 from quadranet.engine.loggers import RunLoggers, check_available, epoch_scalars
 
 EpochCallback = Callable[["Trainer", dict[str, Any]], bool | None]
@@ -153,12 +153,30 @@ def resolve_num_classes(cfg: TrainConfig, info: DatasetInfo) -> int:
     return info.num_classes
 
 
+# create_model kwargs the engine sets from its own settings (a value in --model-kwargs would
+# clash with them)
+ENGINE_KWARGS = {
+    "num_classes": "--num-classes (the dataset's class count by default)",
+    "in_chans": "a dataset with that many channels (the engine takes the dataset's)",
+    "pretrained": "--pretrained",
+}
+
+
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     """`timm.create_model(cfg.model, ...)` with errors that say what to change."""
     if not timm.is_model(cfg.model):
         close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown model '{cfg.model}'{hint} (`quadranet models` lists ours)")
+    for key, where in ENGINE_KWARGS.items():
+        if key in cfg.model_kwargs:
+            raise ConfigError(f"--model-kwargs {key}: the engine sets it; use {where}")
+    drop = cfg.model_kwargs.get("drop_path_rate")
+    if drop is not None and cfg.drop_path > 0 and drop != cfg.drop_path:
+        raise ConfigError(
+            f"--model-kwargs drop_path_rate={drop} conflicts with --drop-path {cfg.drop_path}; "
+            f"set --drop-path {drop} instead"
+        )
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, **cfg.model_kwargs)
     if cfg.arch is not None:
         kwargs["arch"] = cfg.arch
@@ -490,7 +508,7 @@ def _crop_of(model: nn.Module | None) -> dict[str, Any]:
 # settings it applies from the resumed step on (the learning-rate schedule is rebuilt).
 RESUME_FIXED = (
     "model", "model_kwargs", "dataset", "num_classes", "img_size", "opt", "batch_size",
-    "accum_steps", "seed",
+    "accum_steps", "seed", "max_samples", "limit_train_batches", "ema",
 )  # fmt: skip
 RESUME_SCHEDULE = (
     "epochs", "lr", "base_lr", "lr_base_size", "warmup_epochs", "warmup_lr", "min_lr",
@@ -594,11 +612,18 @@ class Trainer:
             self.output_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
         try:
             self.resume_path = ckpt.resolve_checkpoint(resume) if resume else None
+            if self.resume_path is not None and self.resume_path.suffix == ".safetensors":
+                raise ckpt.CheckpointError(
+                    f"{self.resume_path} holds weights only, not a training state; resume from "
+                    f"the run folder or its last.pt, or start a new run from these weights with "
+                    f"--initial-checkpoint {self.resume_path}"
+                )
         except ckpt.CheckpointError as err:
             raise ckpt.CheckpointError(
                 f"--resume: {err}; to start a new run there, drop --resume (or use --resume "
                 "auto, which resumes only where a checkpoint exists)"
             ) from None
+        runfolder.check_folder(self.output_dir)
         if self.resume_path is None and not cfg.overwrite and runfolder.holds_run(self.output_dir):
             raise runfolder.RunFolderError(
                 f"{self.output_dir} holds a run already: continue it with --resume "
@@ -680,6 +705,8 @@ class Trainer:
         self.started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         self.stop_signal: int | None = None  # set by SIGTERM / SIGUSR1 during fit
         self.batch = 0  # batches of the current epoch done (non-zero only after pre-emption)
+        # this process's loss, correct and image sums and seconds over those batches
+        self.epoch_sums: dict[str, float] = {}
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
         self.best_top1: float | None = None
@@ -789,10 +816,11 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
-        loss_sum = correct = count = 0.0
+        sums = self.epoch_sums if self.batch else {}  # a pre-empted epoch's, resumed
+        loss_sum, correct, count = (sums.get(k, 0.0) for k in ("loss", "correct", "count"))
         bad = False
         last_loss = 0.0
-        start = time.perf_counter()
+        start = time.perf_counter() - sums.get("seconds", 0.0)
         self.optimizer.zero_grad(set_to_none=True)
         skip, self.batch = self.batch, 0
         for i, (x, y) in enumerate(self._batches(skip), start=skip):
@@ -820,6 +848,10 @@ class Trainer:
                     self._log_step(epoch, done, loss_sum / count, count, start, lines)
                 if D.any_true(self.stop_signal is not None, self.device):
                     self.batch = i + 1  # the checkpoint resumes after this batch
+                    seconds = time.perf_counter() - start
+                    self.epoch_sums = dict(
+                        loss=loss_sum, correct=correct, count=count, seconds=seconds
+                    )
                     break
             bar.update()
             if show and (i % 10 == 0 or i + 1 == self.batches_per_epoch):
@@ -927,17 +959,18 @@ class Trainer:
         wall = time.perf_counter()
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            # --overwrite is this command's choice, not a setting of the run: a later
-            # `--config <run>/config.yaml` must not start the run over
-            config_text = yaml.safe_dump({**cfg.to_dict(), "overwrite": False}, sort_keys=False)
+            # --overwrite and --resume are this command's choices, not settings of the run: a
+            # later `--config <run>/config.yaml` must neither start this run over nor extend it
+            settings = {**cfg.to_dict(), "overwrite": False, "resume": None}
+            config_text = yaml.safe_dump(settings, sort_keys=False)
             ckpt.atomic_write(
                 self.output_dir / "config.yaml", lambda f: f.write(config_text.encode())
             )
             metrics_path = self.output_dir / report.METRICS_NAME
             if self.resume_path is not None:
                 self.history = report.truncate_metrics(metrics_path, self.epoch)
-            else:
-                metrics_path.unlink(missing_ok=True)
+            else:  # a new run (over an earlier one only with --overwrite)
+                runfolder.remove_run(self.output_dir)
         if self.resized_note:
             self.log(f"note: {self.resized_note}")
         self.log(
@@ -1025,10 +1058,12 @@ class Trainer:
         The state is written last and records the weights files' digests, so a save cut
         between the files is detected at resume."""
         rng = D.all_gather_objects(ckpt.rng_state())
+        sums = D.all_gather_objects(self.epoch_sums) if self.batch else None
         if not self.dist.is_main:
             return
         self._save_weights("last")
         state = self.training_state(rng)
+        state["epoch_sums"] = sums  # per process, for the metrics of a pre-empted epoch
         tags = ("last", "last_ema") if self.ema is not None else ("last",)
         state["weights_sha256"] = ckpt.weights_digests(self.output_dir, tags)
         ckpt.save_state(self.output_dir / ckpt.STATE_NAME, state)
@@ -1051,13 +1086,16 @@ class Trainer:
                 flush=True,
             )
         saved = state.get("config", {})
+        # the saved config holds only the model kwargs that do not name files
+        current = ckpt.safe_metadata({"config": self.cfg.to_dict()})["config"]
         for key in RESUME_FIXED:
-            if key in saved and saved[key] != getattr(self.cfg, key):
-                flag = "--" + key.replace("_", "-")
+            if key in saved and saved[key] != current[key]:
+                value = current[key]
+                asked = _flag(key, value) if isinstance(value, bool) else repr(value)
                 raise ckpt.CheckpointError(
-                    f"{path} was trained with {flag} {saved[key]!r} but this run asks for "
-                    f"{getattr(self.cfg, key)!r}; resume with {flag} {saved[key]!r}, or start "
-                    "a new run in another --output"
+                    f"{path} was trained with {_flag(key, saved[key])} but this run asks for "
+                    f"{asked}; resume with {_flag(key, saved[key])}, or start a new run in "
+                    "another --output"
                 )
         changed = [
             f"--{key.replace('_', '-')} {saved[key]!r} -> {getattr(self.cfg, key)!r}"
@@ -1091,6 +1129,9 @@ class Trainer:
         rng = state.get("rng") or []
         if self.dist.rank < len(rng):
             ckpt.set_rng_state(rng[self.dist.rank])
+        sums = state.get("epoch_sums") or []
+        if self.batch and self.dist.rank < len(sums):
+            self.epoch_sums = dict(sums[self.dist.rank])
         self.restore_extra_state(state, path)
         inside = f", batch {self.batch} of the next" if self.batch else ""
         self.log(f"resumed from {path} after epoch {self.epoch}{inside} (step {self.step})")
@@ -1149,6 +1190,14 @@ class Trainer:
             history=self.history,
             summary=summary,
         )
+
+
+def _flag(key: str, value: Any) -> str:
+    """A setting as its command-line flag (`--no-ema` for ema False)."""
+    name = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value!r}"
 
 
 def _epoch_line(r: dict[str, Any], epochs: int) -> str:
@@ -1267,9 +1316,11 @@ def evaluate(
     )
 
 
-def _first_lines(err: Exception, n: int = 2) -> str:
-    """The first lines of an error message, joined."""
-    return " ".join(line.strip() for line in str(err).splitlines()[:n])
+def _first_lines(err: Exception, n: int = 2, limit: int = 400) -> str:
+    """The first lines of an error message, joined, cut to about `limit` characters (a
+    state dict's list of missing keys can fill pages)."""
+    text = " ".join(line.strip() for line in str(err).splitlines()[:n])
+    return text if len(text) <= limit else text[:limit].rstrip(", ") + " ..."
 
 
 def _classifier_outputs(model: nn.Module, weights: dict[str, torch.Tensor]) -> int | None:
@@ -1316,5 +1367,5 @@ def load_eval_weights(path: Path, use_ema: bool = False) -> tuple[dict[str, Any]
 def checkpoint_config(path: str | Path) -> dict[str, Any]:
     """The model, data and hardware settings stored in a checkpoint (empty when none)."""
     _, cfg = load_eval_weights(resolve_eval_checkpoint(path))
-    keep = group_keys(EVAL_GROUPS) - {"max_samples", "limit_train_batches", "limit_val_batches"}
+    keep = checkpoint_keys()
     return {k: v for k, v in (cfg or {}).items() if k in keep}

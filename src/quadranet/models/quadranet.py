@@ -126,8 +126,7 @@ class QuadraNet(nn.Module):
             raise ValueError(f"dims (channels per stage) must be integers > 0, got {list(dims)}")
         if not all(isinstance(d, int) and d >= 0 for d in depths):
             raise ValueError(f"depths (blocks per stage) must be integers >= 0, got {list(depths)}")
-        if stem_stride not in (1, 2, 4):
-            raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
+        check_stem_stride(stem_stride)
         if in_chans <= 0:
             raise ValueError(f"in_chans must be positive, got {in_chans}")
         num_stages = len(depths)
@@ -543,7 +542,7 @@ def _input_cfg(variant: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     )
     chans, *size = cfg.input_size
     in_chans = kwargs.get("in_chans") or chans
-    stem_stride = kwargs.get("stem_stride", 4)
+    stem_stride = check_stem_stride(kwargs.get("stem_stride", 4))  # (it divides below)
     img_size = kwargs.get("img_size")
     if img_size is not None:
         size = [img_size] * 2 if isinstance(img_size, int) else list(img_size)
@@ -559,6 +558,13 @@ def _input_cfg(variant: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         if len(values) != in_chans:
             out[key] = (sum(values) / len(values),) * in_chans
     return out
+
+
+def check_stem_stride(stride: object) -> int:
+    """The stem's stride, which must be 1, 2 or 4 (a ValueError otherwise)."""
+    if stride not in (1, 2, 4):
+        raise ValueError(f"stem_stride must be 1, 2 or 4, got {stride!r}")
+    return stride  # type: ignore[return-value]
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> QuadraNet:

@@ -236,6 +236,10 @@ class QuadraticConv2d(nn.Module):
         """A quadratic conv computing exactly `conv` (Wc = its weights, Wa = 0, Wb random)."""
         if isinstance(conv.padding, str):
             raise ValueError(f"from_conv needs numeric padding, got padding={conv.padding!r}")
+        if conv.padding_mode != "zeros":  # the quadratic conv pads with zeros
+            raise ValueError(
+                f"from_conv takes zero-padded convs, got padding_mode={conv.padding_mode!r}"
+            )
         layer = cls(
             conv.in_channels,
             conv.out_channels,
