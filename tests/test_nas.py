@@ -82,6 +82,13 @@ def test_arch_outside_space_is_rejected():
 # --- latency tables ----------------------------------------------------------------------------
 
 
+def test_a_space_too_small_for_its_input_says_what_to_change():
+    with pytest.raises(ValueError, match=r"leaves no pixels.*fewer stages or stem_stride=1"):
+        SearchSpace("quadra", dims=(4, 8, 16), max_depths=(1, 1, 1), stem_stride=2, img_size=4)
+    with pytest.raises(ValueError, match=r"fewer stages$"):  # stride 1 already: not suggested
+        SearchSpace("quadra", dims=(4, 8, 16, 32), max_depths=(1, 1, 1, 1), img_size=4)
+
+
 def test_table_round_trip(tmp_path):
     table = synthetic_table()
     path = table.save(tmp_path / "t.json")

@@ -70,7 +70,8 @@ class SearchSpace:
             raise ValueError(
                 f"img_size {self.img_size} leaves no pixels after stage {len(self.dims)} "
                 f"(stem stride {self.stem_stride}, {len(self.dims) - 1} downsamples); "
-                "use a larger img_size, fewer stages or stem_stride=1"
+                "use a larger img_size, fewer stages"
+                + (" or stem_stride=1" if self.stem_stride > 1 else "")
             )
         for name in self.candidates:
             parse_block(name, where="search space")  # odd kernels, expansions >= 1
