@@ -267,6 +267,17 @@ def test_cli_adapter_only_writes_a_quadranet_checkpoint(first_order_run, tmp_pat
     assert "top-1" in capsys.readouterr().out
 
 
+def test_the_same_adapt_command_gives_the_same_weights(first_order_run, tmp_path, capsys):
+    """B's random init comes from --seed, not from whatever the process drew before."""
+    weights = []
+    for name in ("a", "b"):
+        torch.randn(7)  # a different global random state before each command
+        assert adapt(first_order_run, tmp_path / name) == 0
+        weights.append(ckpt.load_weights(tmp_path / name / "last.safetensors")[0])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    capsys.readouterr()
+
+
 def test_cli_channel_mode_trains_everything_and_load_adapted_rebuilds_it(
     first_order_run, tmp_path, capsys
 ):

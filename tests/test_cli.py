@@ -105,6 +105,8 @@ def test_push_writes_a_folder_timm_loads_with_the_run_settings(tmp_path, capsys)
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(loaded(x), source(x))
+    # and timm's preprocessing of the loaded model is the run's (not the nominal 112 px)
+    assert timm.data.resolve_data_config({}, model=loaded)["input_size"] == (1, 28, 28)
 
 
 def test_push_errors_are_one_clear_line(tmp_path, capsys):

@@ -486,6 +486,35 @@ def test_sigterm_writes_a_checkpoint_at_the_next_step_and_resume_continues(tmp_p
     assert cli_main(argv) == EXIT_PREEMPTED
 
 
+def test_an_epoch_resumed_mid_way_through_random_transforms_is_exact(tmp_path, monkeypatch):
+    """RandAugment, flips and random erasing run in the DataLoader path; stopped after step 2
+    of 4 and resumed, the run ends with the weights of one never stopped."""
+    import signal
+
+    from quadranet.engine.train import Preempted
+
+    aug = dict(randaugment="rand-m9-mstd0.5", hflip=0.5, reprob=0.5, limit_train_batches=4)
+    aug.update(limit_val_batches=1, epochs=1)
+    train(tiny_cfg(tmp_path, output=str(tmp_path / "full"), **aug))
+    original = Trainer._optimizer_step
+
+    def step_then_sigterm(self, *args):
+        out = original(self, *args)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    cfg = tiny_cfg(tmp_path, resume="auto", **aug)
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_sigterm)
+    with pytest.raises(Preempted):
+        Trainer(cfg).fit()
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    Trainer(cfg).fit()
+    a, _ = ckpt.load_weights(tmp_path / "run" / "last.safetensors")
+    b, _ = ckpt.load_weights(tmp_path / "full" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- timm's starting-weight, memory and logging flags ----------------------------------------
 
 TINY_QUADRANET = dict(stem_stride=2, depths=[1, 1, 1], dims=[8, 16, 32])  # takes 8x8 inputs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -307,7 +308,7 @@ def test_tight_target_moves_probability_to_cheaper_blocks(tmp_path):
     assert e_mul_tight < e_mul_loose
 
 
-def test_search_resumes_exactly(tmp_path):
+def test_search_resumes_exactly(tmp_path, monkeypatch):
     """Stopping after an epoch and resuming gives the uninterrupted search's weights, alphas,
     log and architecture: alpha's Adam state, the path sampler and the place in the
     hold-out split are in the checkpoint."""
@@ -331,6 +332,25 @@ def test_search_resumes_exactly(tmp_path):
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
     assert resumed.search_log == full.search_log
     assert resumed.supernet.derive().stages == full.supernet.derive().stages
+    # pre-empted inside the second epoch: that epoch is logged once, when it is finished
+    import os
+    import signal
+
+    from quadranet.engine.train import Preempted, Trainer
+
+    step = Trainer._optimizer_step
+
+    def sigterm_in_epoch_2(trainer, *args):
+        out = step(trainer, *args)
+        if trainer.step == trainer.steps_per_epoch + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", sigterm_in_epoch_2)
+    with pytest.raises(Preempted):
+        run(tmp_path / "mid")
+    monkeypatch.setattr(Trainer, "_optimizer_step", step)
+    assert run(tmp_path / "mid", resume=str(tmp_path / "mid")).search_log == full.search_log
 
 
 def test_search_refuses_a_state_without_the_search_part(tmp_path):
@@ -472,6 +492,13 @@ def test_cli_profile_check_search_train(tmp_path, capsys):
     assert "measured latency" in printed and "target 3 ms" in printed
     cfg = yaml_config(tmp_path / "retrain" / "config.yaml")
     assert cfg["model"] == "quadranet_nas" and cfg["arch"] == str(out / "arch.json")
+    # the run keeps its architecture: eval finds it with the search folder gone
+    assert (tmp_path / "retrain" / "model_arch.json").read_bytes() == (
+        out / "arch.json"
+    ).read_bytes()
+    shutil.rmtree(out)
+    assert main(["eval", "--checkpoint", str(tmp_path / "retrain")]) == 0
+    assert "top-1" in capsys.readouterr().out
 
 
 def yaml_config(path):

@@ -35,6 +35,7 @@ from quadranet.engine.train import (
     load_eval_weights,
     resolve_eval_checkpoint,
     resolve_num_classes,
+    seed_everything,
 )
 from quadranet.models import FIRST_ORDER_MODELS, create_model
 from quadranet.nn import QuadraticConv2d, QuadraticLinear
@@ -368,6 +369,7 @@ def fine_tune(
     weights files; otherwise `load_adapted` rebuilds the model from them.
     """
     model, num_classes, in_chans = load_first_order(cfg, checkpoint, use_ema)
+    seed_everything(cfg.seed)  # B's random init: the same run for the same --seed
     model = quadratize(model, channel=channel, adapter_only=adapter_only, inplace=True, b_std=b_std)
     meta = adapt_metadata(cfg.model, channel, adapter_only, b_std, num_classes, in_chans)
     output = cfg.output

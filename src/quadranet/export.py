@@ -41,6 +41,7 @@ from quadranet.engine.train import (
     load_eval_weights,
     resolve_eval_checkpoint,
 )
+from quadranet.models import list_models
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "output"
@@ -122,6 +123,9 @@ def load_model(
         kwargs["arch"] = dict(arch)
     elif arch is not None:
         arch_path = _arch_path(arch)
+    size = img_size or settings.get("img_size") or (info.img_size if info else None)
+    if size and name in list_models():  # the family's nominal size, recorded by timm on push
+        kwargs.setdefault("img_size", size)
     cfg = TrainConfig(model=name, model_kwargs=kwargs, arch=arch_path, drop_path=0.0)
     trained = settings.get("num_classes") or (info.num_classes if info else 1000)
     classes = trained if num_classes is None else num_classes
@@ -139,7 +143,6 @@ def load_model(
             ) from err
         if classes == 0:
             model.reset_classifier(0)
-    size = img_size or settings.get("img_size") or (info.img_size if info else None)
     size = size or _default_img_size(model)
     return LoadedModel(model.eval(), name, chans, size, classes, dataset)
 

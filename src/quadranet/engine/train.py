@@ -50,6 +50,8 @@ from quadranet.engine.config import ConfigError, TrainConfig, checkpoint_keys
 from quadranet.engine.loggers import RunLoggers, check_available, epoch_scalars
 
 EpochCallback = Callable[["Trainer", dict[str, Any]], bool | None]
+# a run trained with --arch keeps a copy of the architecture file, which eval and export read
+ARCH_COPY = "model_arch.json"
 
 
 class TrainingError(RuntimeError):
@@ -555,6 +557,7 @@ def build_loader(
             num_workers=workers,
             pin_memory=dist_info.device.type == "cuda",
             drop_last=train,
+            generator=torch.Generator() if train else None,  # see `Trainer.train_one_epoch`
         )
         return stream, StreamEpochs(dataset)
     if train:
@@ -584,6 +587,7 @@ def build_loader(
             num_workers=workers,
             pin_memory=dist_info.device.type == "cuda",
             drop_last=train,
+            generator=torch.Generator() if train else None,  # see `Trainer.train_one_epoch`
         )
     return loader, sampler
 
@@ -803,6 +807,11 @@ class Trainer:
         """One pass over the train split; returns loss, top-1 and images/s reduced over ranks."""
         self.train_model.train()
         self.train_sampler.set_epoch(epoch)
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None:
+            # the loader draws its workers' base seed from this, not from the global RNG: a
+            # draw there would shift the random transforms of an epoch resumed mid-way
+            generator.manual_seed(self.cfg.seed + 1000 * epoch + self.dist.rank)
         accum = self.cfg.accum_steps
         show = self.dist.is_main and not self.cfg.quiet and sys.stderr.isatty()
         interval = self.cfg.log_interval
@@ -966,6 +975,10 @@ class Trainer:
             ckpt.atomic_write(
                 self.output_dir / "config.yaml", lambda f: f.write(config_text.encode())
             )
+            copy = self.output_dir / ARCH_COPY
+            if cfg.arch is not None and Path(cfg.arch).resolve() != copy.resolve():
+                arch_text = Path(cfg.arch).read_bytes()  # the run holds what it was built from
+                ckpt.atomic_write(copy, lambda f: f.write(arch_text))
             metrics_path = self.output_dir / report.METRICS_NAME
             if self.resume_path is not None:
                 self.history = report.truncate_metrics(metrics_path, self.epoch)
@@ -1366,6 +1379,10 @@ def load_eval_weights(path: Path, use_ema: bool = False) -> tuple[dict[str, Any]
 
 def checkpoint_config(path: str | Path) -> dict[str, Any]:
     """The model, data and hardware settings stored in a checkpoint (empty when none)."""
-    _, cfg = load_eval_weights(resolve_eval_checkpoint(path))
+    file = resolve_eval_checkpoint(path)
+    _, cfg = load_eval_weights(file)
     keep = checkpoint_keys()
-    return {k: v for k, v in (cfg or {}).items() if k in keep}
+    settings = {k: v for k, v in (cfg or {}).items() if k in keep}
+    if settings.get("arch") and (file.parent / ARCH_COPY).is_file():  # wherever eval runs
+        settings["arch"] = str(file.parent / ARCH_COPY)
+    return settings

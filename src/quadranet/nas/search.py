@@ -306,6 +306,8 @@ class SearchTrainer(Trainer):
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         record = super().train_one_epoch(epoch)
+        if self.batch:  # pre-empted inside the epoch: its snapshot comes when it is finished
+            return record
         snap = self._snapshot(epoch + 1)
         self.search_log.append({**snap, "train_loss": record["train_loss"]})
         self.log(
