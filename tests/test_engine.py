@@ -30,7 +30,7 @@ from quadranet.engine.train import (
     build_scheduler,
     scaled_lr,
 )
-from tiny_nets import TinyNet
+from tiny_nets import TinyNet, signal_after_step
 
 FAKE = {"num_classes": 4, "img_size": 8, "in_chans": 1, "length": 64, "val_length": 32}
 
@@ -452,21 +452,13 @@ def test_sigterm_writes_a_checkpoint_at_the_next_step_and_resume_continues(tmp_p
     cfg = tiny_cfg(tmp_path, resume="auto", **limits)
     full = train(tiny_cfg(tmp_path, output=str(tmp_path / "full"), **limits))
     before = signal.getsignal(signal.SIGTERM)
-    original = Trainer._optimizer_step
-
-    def step_then_sigterm(self, *args):
-        out = original(self, *args)
-        if self.step == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_sigterm)
+    plain_steps = signal_after_step(monkeypatch, 6)
     with pytest.raises(Preempted, match="SIGTERM received: stopped at epoch 2, batch 2"):
         Trainer(cfg).fit()
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
     state = ckpt.load_state(tmp_path / "run" / "last.pt")
     assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 6)
-    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    plain_steps()
     resumed = Trainer(cfg)
     assert (resumed.epoch, resumed.batch) == (1, 2)
     resumed.fit()
@@ -478,7 +470,7 @@ def test_sigterm_writes_a_checkpoint_at_the_next_step_and_resume_continues(tmp_p
     for key in ("train_loss", "train_top1"):  # the epoch's batches before the stop count too
         assert resumed.history[-1][key] == full.history[-1][key], key
     # through the command line: the distinct exit code
-    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_sigterm)
+    signal_after_step(monkeypatch, 6)
     argv = ["train", "--model", "engine_tiny_net", "--dataset", "fake", "--epochs", "2"]
     argv += ["--dataset-kwargs", json.dumps(FAKE), "--batch-size", "8", "--no-ema", "--quiet"]
     argv += ["--limit-train-batches", "4", "--workers", "0", "--warmup-epochs", "0"]
@@ -489,26 +481,16 @@ def test_sigterm_writes_a_checkpoint_at_the_next_step_and_resume_continues(tmp_p
 def test_an_epoch_resumed_mid_way_through_random_transforms_is_exact(tmp_path, monkeypatch):
     """RandAugment, flips and random erasing run in the DataLoader path; stopped after step 2
     of 4 and resumed, the run ends with the weights of one never stopped."""
-    import signal
-
     from quadranet.engine.train import Preempted
 
     aug = dict(randaugment="rand-m9-mstd0.5", hflip=0.5, reprob=0.5, limit_train_batches=4)
     aug.update(limit_val_batches=1, epochs=1)
     train(tiny_cfg(tmp_path, output=str(tmp_path / "full"), **aug))
-    original = Trainer._optimizer_step
-
-    def step_then_sigterm(self, *args):
-        out = original(self, *args)
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
     cfg = tiny_cfg(tmp_path, resume="auto", **aug)
-    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_sigterm)
+    plain_steps = signal_after_step(monkeypatch, 2)
     with pytest.raises(Preempted):
         Trainer(cfg).fit()
-    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    plain_steps()
     Trainer(cfg).fit()
     a, _ = ckpt.load_weights(tmp_path / "run" / "last.safetensors")
     b, _ = ckpt.load_weights(tmp_path / "full" / "last.safetensors")

@@ -22,7 +22,7 @@ from quadranet.engine import ConfigError, TrainConfig, Trainer, runfolder, train
 from quadranet.engine import checkpoint as ckpt
 from quadranet.engine.commands import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from quadranet.engine.report import read_metrics, truncate_metrics
-from tiny_nets import driver_script
+from tiny_nets import driver_script, signal_after_step
 
 FAKE = {"num_classes": 4, "img_size": 8, "in_chans": 1, "length": 32, "val_length": 16}
 
@@ -468,19 +468,11 @@ def test_the_run_config_yaml_resumes_and_never_starts_the_run_over(tmp_path, cap
 
 
 def test_sigusr1_preempts_like_sigterm(tmp_path, monkeypatch, capsys):
-    original = Trainer._optimizer_step
-
-    def step_then_sigusr1(self, *args):
-        out = original(self, *args)
-        if self.step == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return out
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_sigusr1)
+    plain_steps = signal_after_step(monkeypatch, 3, signal.SIGUSR1)
     argv = cli_train(tmp_path / "run", "--resume", "auto", "--epochs", "2")
     assert cli_main(argv) == EXIT_PREEMPTED
     assert "SIGUSR1 received: stopped at epoch 1, batch 3" in error_line(capsys)
-    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    plain_steps()
     assert cli_main(argv) == 0  # the requeued command finishes the run
     state = ckpt.load_state(tmp_path / "run" / "last.pt")
     assert (state["epoch"], state["step"]) == (2, 8)

@@ -20,6 +20,7 @@ from quadranet.models.quadranet_nas import Arch, load_arch
 from quadranet.nas.latency import LatencyTable, LatencyTableError, Setting, fixed_part_names
 from quadranet.nas.search import SearchOptions, SearchTrainer, latency_loss, rescale_two_path
 from quadranet.nas.space import MixedOp, SearchSpace, Supernet
+from tiny_nets import signal_after_step
 
 FAKE = {"num_classes": 4, "img_size": 8, "in_chans": 1, "length": 96, "val_length": 16}
 SPACE = SearchSpace("quadra", dims=(4, 8), max_depths=(2, 2), img_size=8, in_chans=1, num_classes=4)
@@ -333,23 +334,12 @@ def test_search_resumes_exactly(tmp_path, monkeypatch):
     assert resumed.search_log == full.search_log
     assert resumed.supernet.derive().stages == full.supernet.derive().stages
     # pre-empted inside the second epoch: that epoch is logged once, when it is finished
-    import os
-    import signal
+    from quadranet.engine.train import Preempted
 
-    from quadranet.engine.train import Preempted, Trainer
-
-    step = Trainer._optimizer_step
-
-    def sigterm_in_epoch_2(trainer, *args):
-        out = step(trainer, *args)
-        if trainer.step == trainer.steps_per_epoch + 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", sigterm_in_epoch_2)
+    plain_steps = signal_after_step(monkeypatch, lambda t: t.step == t.steps_per_epoch + 1)
     with pytest.raises(Preempted):
         run(tmp_path / "mid")
-    monkeypatch.setattr(Trainer, "_optimizer_step", step)
+    plain_steps()
     assert run(tmp_path / "mid", resume=str(tmp_path / "mid")).search_log == full.search_log
 
 

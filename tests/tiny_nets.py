@@ -3,8 +3,11 @@ processes the tests start (`driver_script` makes such a child import this module
 
 from __future__ import annotations
 
+import os
+import signal
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,3 +73,23 @@ def driver_script(
     `quadranet` command line with the script's arguments)."""
     head = f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport tiny_nets\n"
     return head + textwrap.dedent(main)
+
+
+def signal_after_step(
+    monkeypatch, when: int | Callable, signum: int = signal.SIGTERM
+) -> Callable[[], None]:
+    """Make every Trainer send `signum` to this process after its optimizer step number
+    `when` (or the steps where `when(trainer)` holds), as a scheduler pre-empting the job
+    would; returns a function that puts the plain step back."""
+    from quadranet.engine import Trainer
+
+    original = Trainer._optimizer_step
+
+    def step(self, *args):
+        out = original(self, *args)
+        if when(self) if callable(when) else self.step == when:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step)
+    return lambda: monkeypatch.setattr(Trainer, "_optimizer_step", original)
