@@ -295,6 +295,9 @@ def test_cli_channel_mode_trains_everything_and_load_adapted_rebuilds_it(
     assert all(torch.equal(rebuilt[k], v) for k, v in weights.items())
     with torch.no_grad():
         assert model(torch.randn(2, 1, 16, 16)).shape == (2, 4)
+    for command in (["eval", "--checkpoint", str(out)], ["push", str(out), "--to", str(out / "x")]):
+        assert cli_main(command) == 2  # no registered model takes it: say what does
+        assert "load_adapted('" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

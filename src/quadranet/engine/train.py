@@ -1367,6 +1367,13 @@ def load_eval_weights(path: Path, use_ema: bool = False) -> tuple[dict[str, Any]
     """(state_dict, saved config) from a weights file or a training state."""
     state, meta = ckpt.load_any(path)
     if meta is not None:
+        adapted = meta.get("adapt")  # quadranet.adapt's metadata
+        if adapted and adapted.get("target_model") is None:
+            raise ckpt.CheckpointError(
+                f"{path} holds a model made quadratic by `quadranet adapt` that no registered "
+                "model takes (quadratic channel MLPs, or a ConvNeXt); load it in Python with "
+                f"quadranet.adapt.load_adapted('{path}')"
+            )
         return state["model"], meta.get("config")
     if use_ema:
         if state.get("ema") is None:
