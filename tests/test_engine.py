@@ -194,6 +194,17 @@ def test_train_writes_checkpoints_metrics_plot_and_report(tmp_path):
     text = (run / "report.md").read_text()
     assert "engine_tiny_net" in text and "best top-1" in text and "peak memory" in text
     assert "| versions | quadranet " in text and "torch " in text and "Command: `" in text
+    # the best top-1 is the better of the model's and the EMA's; the report says whose
+    records = [r for r in result.history if "val_top1" in r]
+    best = max(max(r["val_top1"], r["val_top1_ema"]) for r in records)
+    assert result.best_top1 == best
+    ema_best = result.summary["best_source"] == "EMA"
+    assert ema_best == all(r["val_top1"] < best for r in records)
+    assert ("EMA weights: `eval --ema`" in text) == ema_best
+    from quadranet.engine.report import write_report
+
+    write_report(tmp_path / "ema.md", {**result.summary, "best_source": "EMA"})
+    assert "EMA weights: `eval --ema`" in (tmp_path / "ema.md").read_text()
     assert "| started / finished | 20" in text
     umask = os.umask(0o022)
     os.umask(umask)

@@ -25,6 +25,7 @@ from quadranet.engine.report import read_metrics, truncate_metrics
 from tiny_nets import driver_script, signal_after_step
 
 FAKE = {"num_classes": 4, "img_size": 8, "in_chans": 1, "length": 32, "val_length": 16}
+QNET = "quadranet25_xxs"  # (engine_tiny_net has no pretrained cfg: timm loads nothing for it)
 
 
 def tiny_cfg(tmp_path, **overrides) -> TrainConfig:
@@ -373,6 +374,11 @@ def test_resume_refuses_another_model_and_applies_a_new_warmup(finished_run, tmp
         Trainer(again.replace(ema=False))
     with pytest.raises(ckpt.CheckpointError, match="weights only.*--initial-checkpoint"):
         Trainer(again.replace(resume=str(tmp_path / "run" / "best.safetensors")))
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state["world_size"] = 2  # as if trained under torchrun --nproc_per_node 2
+    torch.save(state, tmp_path / "run" / "last.pt")
+    with pytest.raises(ckpt.CheckpointError, match="trained by 2 process.*but this run has 1"):
+        Trainer(again)
 
 
 def test_model_kwargs_that_name_no_file_are_kept_and_resume(tmp_path):
@@ -405,6 +411,31 @@ def test_model_kwargs_the_engine_sets_are_one_line(tmp_path, capsys, kwargs, mes
     argv = cli_train(tmp_path / "run", "--drop-path", "0.1", "--model-kwargs", json.dumps(kwargs))
     assert cli_main(argv) == EXIT_BAD_INPUT
     assert message in error_line(capsys)
+
+
+def test_files_that_are_not_weights_are_one_short_line(tmp_path, capsys):
+    """Not torch's advice to load them with weights_only=False (which would run their code)."""
+    import datetime
+
+    torch.save({"saved": datetime.date(2026, 1, 1)}, tmp_path / "notes.pt")  # not a tensor
+    tiny = ["--model-kwargs", "stem_stride=2", "depths=[1,1,1]", "dims=[8,16,32]"]
+    for flag in ("--initial-checkpoint", "--pretrained-path"):
+        argv = cli_train(tmp_path / "run", flag, str(tmp_path / "notes.pt"), *tiny, model=QNET)
+        assert cli_main(argv) == EXIT_BAD_INPUT
+        line = error_line(capsys)
+        assert "not a torch file" in line and "weights_only" not in line, line
+    argv = cli_train(tmp_path / "run", "--limit-train-batches", "1", "--accum-steps", "2")
+    assert cli_main(argv) == EXIT_BAD_INPUT  # the limit is what leaves no step: say so
+    assert "at most 1 batches (--limit-train-batches)" in error_line(capsys)
+
+
+def test_the_report_command_line_can_be_run(monkeypatch):
+    from quadranet.engine.report import run_provenance
+
+    monkeypatch.setattr(sys, "argv", ["/x/quadranet/cli.py", "train", "--epochs", "2"])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
+    command = run_provenance()["command"]
+    assert command == "torchrun --nproc_per_node 2 -m quadranet train --epochs 2"
 
 
 def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):

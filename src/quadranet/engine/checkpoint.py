@@ -238,15 +238,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        # not torch's own text for a pickle it refuses: that suggests weights_only=False
-        why = (
-            "it is not a torch file, or holds objects other than tensors and plain values"
-            if isinstance(err, pickle.UnpicklingError)
-            else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        )
         raise CheckpointError(
-            f"{path} cannot be loaded as a training state ({why}); it is corrupt or not a "
-            "quadranet checkpoint: pass a run folder, its last.pt or a .safetensors weights file"
+            f"{path} cannot be loaded as a training state ({load_problem(err)}); it is corrupt "
+            "or not a quadranet checkpoint: pass a run folder, its last.pt or a .safetensors "
+            "weights file"
         ) from err
     if not isinstance(state, dict) or "model" not in state or "format_version" not in state:
         raise CheckpointError(f"{path} is not a quadranet training state (no 'model' entry)")
@@ -254,6 +249,21 @@ def load_state(path: str | Path) -> dict[str, Any]:
         if isinstance(state.get(key), Mapping):
             check_finite(path, state[key], what)
     return safe_metadata(state)
+
+
+def first_lines(err: Exception, n: int = 2, limit: int = 400) -> str:
+    """The first lines of an error message, joined, cut to about `limit` characters (a
+    state dict's list of missing keys can fill pages)."""
+    text = " ".join(line.strip() for line in str(err).splitlines()[:n])
+    return text if len(text) <= limit else text[:limit].rstrip(", ") + " ..."
+
+
+def load_problem(err: Exception) -> str:
+    """Why loading a file failed, in short; not torch's own text for a pickle that
+    `weights_only=True` refuses, which advises loading it unsafely (running its code)."""
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+        return "it is not a torch file, or holds objects other than tensors and plain values"
+    return f"{type(err).__name__}: {first_lines(err)}"
 
 
 def load_any(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:

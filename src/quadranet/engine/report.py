@@ -126,7 +126,9 @@ def write_report(path: str | Path, summary: dict[str, Any]) -> Path:
         f"| MACs / image | {'n/a' if macs is None else f'{macs / 1e6:.2f} M'} |",
         f"| input | {s['in_chans']}x{s['img_size']}x{s['img_size']}, {s['num_classes']} classes |",
         f"| epochs | {s['epochs']} (global batch {s['global_batch']}, lr {s['lr']:.3g}) |",
-        f"| best top-1 | {_fmt(s.get('best_top1'), '.2f', ' %')} (epoch {s.get('best_epoch')}) |",
+        f"| best top-1 | {_fmt(s.get('best_top1'), '.2f', ' %')} (epoch {s.get('best_epoch')}"
+        + (", EMA weights: `eval --ema`" if s.get("best_source") == "EMA" else "")
+        + ") |",
         f"| final top-1 | {_fmt(s.get('final_top1'), '.2f', ' %')} |",
         f"| final top-1 (EMA) | {_fmt(s.get('final_top1_ema'), '.2f', ' %')} |",
         f"| final top-5 | {_fmt(s.get('final_top5'), '.2f', ' %')} |",
@@ -153,6 +155,7 @@ def write_report(path: str | Path, summary: dict[str, Any]) -> Path:
 
 def run_provenance() -> dict[str, str]:
     """Versions, the source's git commit (when it is a checkout) and the command line."""
+    import os
     import platform
     import shlex
     import subprocess
@@ -176,5 +179,8 @@ def run_provenance() -> dict[str, str]:
             source = f"git {done.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):
         pass
-    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    command = shlex.join(["quadranet", *sys.argv[1:]])  # also under python -m, torchrun
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        command = f"torchrun --nproc_per_node {processes} -m " + command
     return dict(versions=versions, source=source, command=command)

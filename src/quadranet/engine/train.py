@@ -223,8 +223,7 @@ def _create_model(cfg: TrainConfig, kwargs: dict[str, Any]) -> nn.Module:
             else "pass a weights file or folder with --pretrained-path"
         )
         raise ConfigError(
-            f"cannot load {source} into {cfg.model} ({type(err).__name__}: "
-            f"{_first_lines(err)}); {hint}"
+            f"cannot load {source} into {cfg.model} ({ckpt.load_problem(err)}); {hint}"
         ) from err
 
 
@@ -247,8 +246,8 @@ def load_initial_checkpoint(model: nn.Module, path: str | Path) -> Path:
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise ckpt.CheckpointError(
-                f"{path} cannot be read as weights ({type(err).__name__}: "
-                f"{_first_lines(err, 1)}); pass a .safetensors file or a .pt/.pth state dict"
+                f"{path} cannot be read as weights ({ckpt.load_problem(err)}); pass a "
+                ".safetensors file or a .pt/.pth state dict"
             ) from err
     if not isinstance(state, dict):
         raise ckpt.CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
@@ -682,10 +681,13 @@ class Trainer:
         self.steps_per_epoch = batches // cfg.accum_steps
         if self.steps_per_epoch == 0:
             n = len(self.train_sampler)
+            limit = cfg.limit_train_batches
+            capped = f", at most {limit} batches (--limit-train-batches)" if limit else ""
             raise ConfigError(
-                f"no optimizer step fits in an epoch: {n} train images per process, batch size "
-                f"{cfg.batch_size} x accum_steps {cfg.accum_steps} (x {self.dist.world_size} "
-                "processes); lower --batch-size or --accum-steps, or use more data"
+                f"no optimizer step fits in an epoch: {n} train images per process{capped}, "
+                f"batch size {cfg.batch_size} x accum_steps {cfg.accum_steps} (x "
+                f"{self.dist.world_size} processes); lower --batch-size or --accum-steps, "
+                "raise --limit-train-batches, or use more data"
             )
         self.batches_per_epoch = self.steps_per_epoch * cfg.accum_steps
 
@@ -715,6 +717,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.best_top1: float | None = None
         self.best_epoch: int | None = None
+        self.best_source: str | None = None  # "model" or "EMA": whose top-1 is best_top1
         self.history: list[dict[str, Any]] = []
         self.unmatched_weights: list[Path] = []  # beside the resumed state, not saved with it
         if self.resume_path is not None:
@@ -1014,9 +1017,12 @@ class Trainer:
                 if self.ema is not None:
                     ema_val = self.validate(self.ema.module)
                     record.update({f"val_{k}_ema": v for k, v in ema_val.items() if k != "count"})
-                score = max(record["val_top1"], record.get("val_top1_ema", -1.0))
+                # the better of the model and its EMA ("model" wins a tie)
+                score, source = max(
+                    (record["val_top1"], "model"), (record.get("val_top1_ema", -1.0), "EMA")
+                )
                 if self.best_top1 is None or score > self.best_top1:
-                    self.best_top1, self.best_epoch = score, epoch + 1
+                    self.best_top1, self.best_epoch, self.best_source = score, epoch + 1, source
                     self._save_weights("best")
             self.history.append(record)
             self.loggers.log(epoch_scalars(record), step=self.step)
@@ -1061,6 +1067,7 @@ class Trainer:
             "step": self.step,
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
+            "best_source": self.best_source,
             "rng": rng,
             "world_size": self.dist.world_size,
             "config": self.cfg.to_dict(),
@@ -1099,6 +1106,13 @@ class Trainer:
                 flush=True,
             )
         saved = state.get("config", {})
+        processes = state.get("world_size", self.dist.world_size)
+        if processes != self.dist.world_size:  # the global batch, and so the schedule, differ
+            raise ckpt.CheckpointError(
+                f"{path} was trained by {processes} process(es) but this run has "
+                f"{self.dist.world_size}; resume with {processes} (torchrun --nproc_per_node "
+                f"{processes}), or start a new run in another --output"
+            )
         # the saved config holds only the model kwargs that do not name files
         current = ckpt.safe_metadata({"config": self.cfg.to_dict()})["config"]
         for key in RESUME_FIXED:
@@ -1122,7 +1136,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise ckpt.CheckpointError(
-                f"{path} does not fit this model/optimizer ({_first_lines(err)}); "
+                f"{path} does not fit this model/optimizer ({ckpt.first_lines(err)}); "
                 "resume with the same model and --opt, or start without --resume"
             ) from err
         # the schedule is a function of the step: rebuilt from this run's settings (the same
@@ -1139,6 +1153,7 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.batch = int(state.get("batch", 0))  # inside a pre-empted epoch
         self.best_top1, self.best_epoch = state.get("best_top1"), state.get("best_epoch")
+        self.best_source = state.get("best_source")
         rng = state.get("rng") or []
         if self.dist.rank < len(rng):
             ckpt.set_rng_state(rng[self.dist.rank])
@@ -1173,6 +1188,7 @@ class Trainer:
             "lr": self.lr,
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
+            "best_source": self.best_source,
             "final_top1": final.get("top1"),
             "final_top5": final.get("top5"),
             "final_top1_ema": final.get("top1_ema"),
@@ -1311,7 +1327,7 @@ def evaluate(
             model.load_state_dict(weights)
         except RuntimeError as err:
             raise ckpt.CheckpointError(
-                f"the checkpoint does not fit {cfg.model} ({_first_lines(err)}); "
+                f"the checkpoint does not fit {cfg.model} ({ckpt.first_lines(err)}); "
                 "pass the --model, --model-kwargs and --dataset it was trained with"
             ) from err
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -1327,13 +1343,6 @@ def evaluate(
         amp_dtype=resolve_amp(cfg.amp, dist_info.device),
         limit=cfg.limit_val_batches,
     )
-
-
-def _first_lines(err: Exception, n: int = 2, limit: int = 400) -> str:
-    """The first lines of an error message, joined, cut to about `limit` characters (a
-    state dict's list of missing keys can fill pages)."""
-    text = " ".join(line.strip() for line in str(err).splitlines()[:n])
-    return text if len(text) <= limit else text[:limit].rstrip(", ") + " ..."
 
 
 def _classifier_outputs(model: nn.Module, weights: dict[str, torch.Tensor]) -> int | None:
