@@ -436,6 +436,8 @@ def test_the_report_command_line_can_be_run(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
     command = run_provenance()["command"]
     assert command == "torchrun --nproc_per_node 2 -m quadranet train --epochs 2"
+    monkeypatch.setattr(sys, "argv", ["/x/my_run.py", "--fast"])  # the engine from a script
+    assert run_provenance()["command"] == "torchrun --nproc_per_node 2 my_run.py --fast"
 
 
 def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):

@@ -179,8 +179,11 @@ def run_provenance() -> dict[str, str]:
             source = f"git {done.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):
         pass
-    command = shlex.join(["quadranet", *sys.argv[1:]])  # also under python -m, torchrun
+    prog = Path(sys.argv[0]).name  # a script's name; ours also under python -m and torchrun
+    prog = "quadranet" if prog in ("quadranet", "cli.py", "__main__.py") else prog
+    command = shlex.join([prog, *sys.argv[1:]])
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
-        command = f"torchrun --nproc_per_node {processes} -m " + command
+        module = "-m " if prog == "quadranet" else ""
+        command = f"torchrun --nproc_per_node {processes} {module}{command}"
     return dict(versions=versions, source=source, command=command)
